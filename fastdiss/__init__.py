@@ -1,0 +1,12 @@
+"""fastdiss: few-step self-conditioned embedding diffusion for sequence-to-sequence generation
+(FastDiSS: Self-Conditioning Perturbation + Model-Aware Noise Scaling), with fused Triton
+kernels and a C++/CUDA sampler."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from fastdiss._backend import get_backend, set_backend  # noqa: E402
+from fastdiss import _ext  # noqa: E402,F401  (loads fastdiss._C, warns once if missing)
+from fastdiss import functional  # noqa: E402,F401
+
+__all__ = ["__version__", "get_backend", "set_backend", "functional"]

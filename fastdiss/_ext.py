@@ -1,0 +1,44 @@
+"""Loads the compiled extension fastdiss._C, or explains how to build it.
+
+`import fastdiss` must work without the extension (pure PyTorch paths): we warn once and
+report `available() == False`; code that needs the C++ ops calls `require()`.
+"""
+from __future__ import annotations
+
+import warnings
+
+_BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (or `make test`) in the fastdiss checkout"
+_C = None
+_error: str | None = None
+
+try:
+    import importlib
+
+    _C = importlib.import_module("fastdiss._C")
+except Exception as e:  # ImportError, or an ABI mismatch with the installed torch
+    _error = f"{type(e).__name__}: {e}"
+    warnings.warn(f"fastdiss._C (C++/CUDA extension) is not available ({_error}); using pure PyTorch paths. "
+                  f"To {_BUILD_HINT}.", RuntimeWarning, stacklevel=2)
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def require(what: str = "this feature") -> None:
+    if _C is None:
+        raise RuntimeError(f"{what} needs the compiled extension fastdiss._C, which failed to load ({_error}); "
+                           f"{_BUILD_HINT}")
+
+
+def build_info() -> dict:
+    """What the extension was built with (torch version, CUDA archs), or why it is missing."""
+    if _C is None:
+        return {"available": False, "error": _error}
+    import torch
+    info = {"available": True}
+    try:
+        info.update(dict(x.split("=", 1) for x in torch.ops.fastdiss.build_info().split(";") if "=" in x))
+    except Exception as e:  # older build without build_info
+        info["build_info_error"] = str(e)
+    return info

@@ -1,0 +1,1 @@
+"""Data: embedded corpora, user files, tokenizers, batching."""
