@@ -43,10 +43,11 @@ def self_cond_project(x_t, sc, weight, bias=None, add=None):
     return _self_cond_proj.self_cond_project(x_t, sc, weight, bias=bias, add=add)
 
 
-def rounding_cross_entropy(x0_hat, embedding, targets, ignore_index=-100, reduction="mean"):
-    """cross_entropy(x0_hat @ embedding.T, targets) without materialising the (tokens x vocab) logits."""
+def rounding_cross_entropy(x0_hat, embedding, targets, ignore_index=-100, reduction="mean", chunk_size=None):
+    """cross_entropy(x0_hat @ embedding.T, targets) without materialising the (tokens x vocab) logits;
+    `chunk_size` bounds the vocabulary columns held at once (None: chosen from the sizes)."""
     return _rounding_ce.rounding_cross_entropy(x0_hat, embedding, targets, ignore_index=ignore_index,
-                                               reduction=reduction)
+                                               reduction=reduction, chunk_size=chunk_size)
 
 
 def ddim_step_reference(x0_hat, x_t, alpha_t, sigma_t, alpha_s, sigma_s):
