@@ -37,3 +37,16 @@ def check_tensor(name: str, t, *, ndim=None, dtypes=None, device=None) -> None:
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def num_warps_for(tile_elems: int) -> int:
+    """Warps for a row-wise tile of `tile_elems` elements held in registers."""
+    return 4 if tile_elems <= 2048 else (8 if tile_elems <= 8192 else 16)
+
+
+def max_programs(device: torch.device, per_sm: int) -> int:
+    """Programs for a persistent grid: `per_sm` per multiprocessor on CUDA; a few under the
+    interpreter (more than one, so partial-sum reductions are exercised)."""
+    if device.type == "cuda":
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from fastdiss import _backend
 
-from ._utils import FLOAT_DTYPES, HAS_TRITON, check_tensor, next_pow2
+from ._utils import FLOAT_DTYPES, HAS_TRITON, check_tensor, max_programs, next_pow2, num_warps_for
 
 if HAS_TRITON:
     import triton
@@ -180,7 +180,7 @@ def aot_specs():
                 "HAS_BIAS": "constexpr", "ROWS": "constexpr", "BLOCK_N": "constexpr"}
 
     def spec(name, kernel, sig, const):
-        return name, kernel, sig, const, {"num_warps": _num_warps(const["ROWS"] * const["BLOCK_N"])}
+        return name, kernel, sig, const, {"num_warps": num_warps_for(const["ROWS"] * const["BLOCK_N"])}
 
     on = dict(HAS_WEIGHT=True, HAS_BIAS=True)
     off = dict(HAS_WEIGHT=False, HAS_BIAS=False)
@@ -200,27 +200,16 @@ def aot_specs():
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-def _num_warps(tile_elems: int) -> int:
-    return 4 if tile_elems <= 2048 else (8 if tile_elems <= 8192 else 16)
-
-
 def _tile(N: int, block_rows: Optional[int]):
     """(ROWS, BLOCK_N, num_warps) for rows of N elements."""
     block_n = next_pow2(N)
     rows = block_rows if block_rows is not None else max(1, min(_MAX_ROWS, _TILE_ELEMS // block_n))
     if rows & (rows - 1):
         raise ValueError(f"block_rows must be a power of two, got {rows}")
-    return rows, block_n, _num_warps(rows * block_n)
+    return rows, block_n, num_warps_for(rows * block_n)
 
 
 @functools.lru_cache(maxsize=None)
-def _max_programs(device: torch.device) -> int:
-    """How many programs share the weight-gradient reduction (each writes one fp32 partial row)."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: few programs, but more than one so the partial sums are exercised
-
-
 def _check_fused_size(N: int):
     if N > MAX_FUSED_N:
         raise ValueError(f"layer_norm kernel: row size {N} exceeds MAX_FUSED_N={MAX_FUSED_N}")
@@ -262,7 +251,7 @@ def layer_norm_backward_triton(dy, dh, hin, weight, mean, rstd, has_bias: bool,
     n_rows = hin.numel() // N if N else 0
     rows, block_n, warps = _tile(N, block_rows)
     n_blocks = triton.cdiv(n_rows, rows)
-    programs = max(1, min(n_blocks, num_programs or _max_programs(hin.device)))
+    programs = max(1, min(n_blocks, num_programs or max_programs(hin.device, 4)))
     rows_per_program = triton.cdiv(n_blocks, programs) * rows
     programs = triton.cdiv(n_rows, rows_per_program) if n_rows else 0
     # every program writes its whole partial row, so the buffers need no zeroing

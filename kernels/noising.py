@@ -41,7 +41,7 @@ from fastdiss import _backend
 from fastdiss import schedule as _schedule
 from fastdiss.schedule import alpha_sigma, check_schedule
 
-from ._utils import FLOAT_DTYPES, HAS_TRITON, check_tensor, next_pow2
+from ._utils import FLOAT_DTYPES, HAS_TRITON, check_tensor, max_programs, next_pow2, num_warps_for
 
 if HAS_TRITON:
     import triton
@@ -283,21 +283,21 @@ def aot_specs():
                "ROWS": "constexpr", "BLOCK_D": "constexpr"}
         specs.append((f"q_sample_fwd_{dt}_{_schedule.SCHEDULES[sched]}", _q_sample_fwd_kernel, sig,
                       {"SCHEDULE": sched, "T_PER_TOKEN": per_token, "ROWS": 32, "BLOCK_D": 128},
-                      {"num_warps": _num_warps(32 * 128)}))
+                      {"num_warps": num_warps_for(32 * 128)}))
     dt = "bf16"
     sig = {"G": f"*{dt}", "T": "*fp32", "DZ0": f"*{dt}", "DEPS": f"*{dt}", "n_rows": "i32", "L": "i32",
            "D": "i32", "noise_factor": "fp32", "SCHEDULE": "constexpr", "T_PER_TOKEN": "constexpr",
            "NEED_DZ0": "constexpr", "NEED_DEPS": "constexpr", "ROWS": "constexpr", "BLOCK_D": "constexpr"}
     specs.append((f"q_sample_bwd_{dt}", _q_sample_bwd_kernel, sig,
                   {"SCHEDULE": 1, "T_PER_TOKEN": True, "NEED_DZ0": True, "NEED_DEPS": True,
-                   "ROWS": 16, "BLOCK_D": 256}, {"num_warps": _num_warps(16 * 256)}))
+                   "ROWS": 16, "BLOCK_D": 256}, {"num_warps": num_warps_for(16 * 256)}))
     sig = {"TOK": "*i64", "E": f"*{dt}", "LNW": "*fp32", "LNB": "*fp32", "T": "*fp32", "EPS": f"*{dt}",
            "Z0": f"*{dt}", "XT": f"*{dt}", "n_rows": "i32", "L": "i32", "V": "i32", "D": "i32",
            "ln_eps": "fp32", "noise_factor": "fp32", "SCHEDULE": "constexpr", "T_PER_TOKEN": "constexpr",
            "HAS_LNW": "constexpr", "HAS_LNB": "constexpr", "ROWS": "constexpr", "BLOCK_D": "constexpr"}
     specs.append((f"embed_noise_fwd_{dt}", _embed_noise_fwd_kernel, sig,
                   {"SCHEDULE": 0, "T_PER_TOKEN": True, "HAS_LNW": True, "HAS_LNB": True,
-                   "ROWS": 32, "BLOCK_D": 128}, {"num_warps": _num_warps(32 * 128)}))
+                   "ROWS": 32, "BLOCK_D": 128}, {"num_warps": num_warps_for(32 * 128)}))
     sig = {"DZ0": f"*{dt}", "DXT": f"*{dt}", "T": "*fp32", "PERM": "*i64", "SEG": "*i64", "E": f"*{dt}",
            "LNW": "*fp32", "DE": f"*{dt}", "DLNW_part": "*fp32", "DLNB_part": "*fp32", "V": "i32", "L": "i32",
            "D": "i32", "vocab_per_program": "i32", "ln_eps": "fp32", "SCHEDULE": "constexpr",
@@ -313,10 +313,6 @@ def aot_specs():
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-def _num_warps(tile_elems: int) -> int:
-    return 4 if tile_elems <= 2048 else (8 if tile_elems <= 8192 else 16)
-
-
 def _embed_bwd_warps(block_d: int) -> int:
     return 1 if block_d <= 256 else (4 if block_d <= 2048 else 8)
 
@@ -327,7 +323,7 @@ def _tile(D: int, block_rows: Optional[int], whole_row: bool):
     rows = block_rows if block_rows is not None else max(1, min(_MAX_ROWS, _TILE_ELEMS // block_d))
     if rows & (rows - 1):
         raise ValueError(f"block_rows must be a power of two, got {rows}")
-    return rows, block_d, _num_warps(rows * block_d)
+    return rows, block_d, num_warps_for(rows * block_d)
 
 
 def _t_layout(t):
@@ -401,12 +397,6 @@ def embed_and_noise_forward_triton(tokens, weight, t, eps, ln_weight, ln_bias, s
 
 
 @functools.lru_cache(maxsize=None)
-def _max_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 16 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a few programs, so the partial sums are exercised
-
-
 def embed_and_noise_backward_triton(dz0, dxt, tokens, weight, t, ln_weight, has_ln_bias: bool, schedule: str,
                                     ln_eps: float, num_programs: Optional[int] = None):
     """(dweight, dln_weight, dln_bias) from the gradients of z0 (or None) and x_t.
@@ -421,7 +411,7 @@ def embed_and_noise_backward_triton(dz0, dxt, tokens, weight, t, ln_weight, has_
     flat = tokens.reshape(-1)
     sorted_ids, perm = torch.sort(flat, stable=True)
     seg = torch.searchsorted(sorted_ids, torch.arange(V + 1, device=flat.device, dtype=sorted_ids.dtype))
-    programs = max(1, min(V, num_programs or _max_programs(weight.device)))
+    programs = max(1, min(V, num_programs or max_programs(weight.device, 16)))
     vocab_per_program = max(1, triton.cdiv(V, programs))
     programs = triton.cdiv(V, vocab_per_program)
     dweight = torch.empty_like(weight)
