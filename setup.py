@@ -1,8 +1,9 @@
 """Builds fastdiss: the Python package, fastdiss.kernels (from kernels/), and the extension fastdiss._C.
 
-C++ sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built. CUDA sources (csrc/cuda/*.cu) are built
-when torch has CUDA and nvcc is found (or FASTDISS_FORCE_CUDA=1), for the architectures in
-TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX"). FASTDISS_NO_EXT=1 installs the pure-Python package.
+C++ sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built. CUDA sources (csrc/cuda/*.cu, plus the torch
+glue csrc/cuda/*.cpp for the host compiler) are built when torch has CUDA and nvcc is found (or
+FASTDISS_FORCE_CUDA=1), for the architectures in TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX").
+FASTDISS_NO_EXT=1 installs the pure-Python package.
 MAX_JOBS limits parallel compile jobs (read by torch's ninja build).
 """
 import glob
@@ -38,6 +39,7 @@ def ext_modules_and_cmdclass():
 
     cpp_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")) + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
     cu_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
+    cuda_glue_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))  # host code, needs CUDA headers
     if not cpp_sources:
         _log("no C++ sources under csrc/: skipping the extension")
         return [], {}
@@ -51,15 +53,17 @@ def ext_modules_and_cmdclass():
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     build_info = f"torch={torch.__version__};cuda={'yes' if with_cuda else 'no'};archs={archs if with_cuda else 'none'}"
 
-    cxx = ["-O3", "-std=c++17", f'-DFASTDISS_BUILD_INFO="{build_info}"']
+    # No -std flag: torch's BuildExtension adds the C++ standard its own headers need (C++20 for recent torch).
+    # -Wno-unknown-pragmas: torch's CPU vector headers use "#pragma unroll", which GCC does not know.
+    cxx = ["-O3", "-Wno-unknown-pragmas", f'-DFASTDISS_BUILD_INFO="{build_info}"']
     if with_cuda:
-        _log(f"building fastdiss._C: C++ ({len(cpp_sources)} files) + CUDA ({len(cu_sources)} files) "
-             f"for TORCH_CUDA_ARCH_LIST={archs}")
-        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17", "-DWITH_CUDA",
+        _log(f"building fastdiss._C: C++ ({len(cpp_sources)} files) + CUDA ({len(cu_sources)} .cu, "
+             f"{len(cuda_glue_sources)} .cpp files) for TORCH_CUDA_ARCH_LIST={archs}")
+        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "-DWITH_CUDA",
                       f'-DFASTDISS_BUILD_INFO="{build_info}"',
                       "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                       "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
-        ext = CUDAExtension("fastdiss._C", cpp_sources + cu_sources,
+        ext = CUDAExtension("fastdiss._C", cpp_sources + cuda_glue_sources + cu_sources,
                             extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": nvcc_flags})
     else:
         why = ("no .cu sources" if not cu_sources else

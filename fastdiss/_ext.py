@@ -14,7 +14,9 @@ _error: str | None = None
 try:
     import importlib
 
-    _C = importlib.import_module("fastdiss._C")
+    _module = importlib.import_module("fastdiss._C")
+    importlib.import_module("fastdiss._ops_meta")  # fake impls of the C++ ops (torch.compile / export)
+    _C = _module
 except Exception as e:  # ImportError, or an ABI mismatch with the installed torch
     _error = f"{type(e).__name__}: {e}"
     warnings.warn(f"fastdiss._C (C++/CUDA extension) is not available ({_error}); using pure PyTorch paths. "
