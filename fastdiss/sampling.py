@@ -1,0 +1,210 @@
+"""K-step DDIM sampling of the denoiser, for K = 1 (one-step) up to 2000 (the many-step baseline).
+
+    x_{t_0} = F eps                                   t_0 = 1 > t_1 > ... > t_K = 0 (schedule.time_grid)
+    for k = 1..K:   x_{t_k}, x0_hat = denoise_step(x_{t_{k-1}}, sc, t_{k-1}, t_k)    sc = previous x0_hat
+    output          argmax(x0_hat @ norm(E)^T) of the last step
+
+Each sentence gets C = length_beam x noise_draws candidates (its top-b predicted lengths, each
+with n noise draws); one is chosen by MBR (mutual BLEU) or by model score. Encoder, cross-attention
+K/V and length prediction run once per batch. All randomness comes from one torch.Generator seeded
+per call, so generation is deterministic on CPU for the same inputs and seed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastdiss import functional
+from fastdiss.config import DiffusionConfig, SampleConfig
+from fastdiss.schedule import alpha_sigma, time_grid
+
+
+@dataclass
+class GenerationResult:
+    ids: list                 # selected candidate per sentence: list[list[int]]
+    single_ids: list          # the first candidate (top-1 length, first noise draw): single-candidate quality
+    candidates: list          # every candidate per sentence: list[list[list[int]]]
+    calls_per_sentence: int   # denoiser calls per sentence = steps x candidates
+    steps: int
+    latents: torch.Tensor | None = None   # final x_{t_K} of every candidate (B*C, Lmax, d_e), engine comparison
+    scores: torch.Tensor | None = None    # (B, C) mean token log-prob of each candidate
+
+
+def clamp_to_embeddings(model, x0_hat):
+    """Snap each x0_hat vector to its nearest (highest-logit) target embedding norm(E)[argmax]."""
+    emb = model.target_embeddings().to(x0_hat.dtype)
+    return emb[(x0_hat @ emb.t()).argmax(-1)]
+
+
+def network_time(t, time_shift: float):
+    """Time fed to the network: t + time_shift (1 - t). time_shift = 1 always feeds t = 1
+    (DINOISER's condition-enhanced sampling); 0 feeds the true time."""
+    return t + time_shift * (1.0 - t) if time_shift else t
+
+
+def denoise_step(model, x_t, sc, t_now, t_next, enc, tgt_mask=None, *, schedule="sqrt", clamp=False,
+                 time_shift=0.0):
+    """One DDIM step from t_now to t_next < t_now: a pure function of its tensor inputs.
+
+    x_t, sc: (B, L, d_e); t_now, t_next: 0-dim tensors; returns (x_{t_next}, x0_hat). The C++ loop
+    and CUDA-graph replay reproduce exactly this: network call, optional clamp, ddim_step."""
+    B, L, _ = x_t.shape
+    x0_hat = model(x_t, sc, network_time(t_now, time_shift).expand(B), enc, tgt_mask)
+    if clamp:
+        x0_hat = clamp_to_embeddings(model, x0_hat)
+    a_t, s_t = alpha_sigma(t_now, schedule)
+    a_s, s_s = alpha_sigma(t_next, schedule)
+    per_token = [v.expand(B, L).contiguous().to(x_t.dtype) for v in (a_t, s_t, a_s, s_s)]
+    return functional.ddim_step(x0_hat, x_t, *per_token), x0_hat
+
+
+def _mbr_select(candidates: list) -> int:
+    """Index of the candidate with the highest mean sentence-BLEU against the others."""
+    try:
+        from fastdiss.metrics import mbr_select
+        return mbr_select(candidates)
+    except ImportError:
+        import sacrebleu
+        best, best_score = 0, float("-inf")
+        for i, hyp in enumerate(candidates):
+            others = [c for j, c in enumerate(candidates) if j != i]
+            s = sum(sacrebleu.sentence_bleu(hyp, [o]).score for o in others) / max(1, len(others))
+            if s > best_score:
+                best, best_score = i, s
+        return best
+
+
+class Sampler:
+    """Generates target token ids from source ids with a trained Denoiser.
+
+    engine: who runs the encoder and the K-step loop (fastdiss.engines): None / "python" (the loop
+    below), "cpp" (exported graphs, all steps in C++; engine_options={"export_dir": ...}),
+    "cuda-graph", or an object with encode() and denoise(). Length prediction, the seeded noise,
+    rounding and selection stay here, so every engine sees the same inputs."""
+
+    def __init__(self, model, sample_cfg: SampleConfig | None = None, diffusion_cfg: DiffusionConfig | None = None,
+                 engine=None, engine_options: dict | None = None):
+        self.model = model
+        self.cfg = sample_cfg or SampleConfig()
+        self.dcfg = diffusion_cfg or DiffusionConfig()
+        self.engine = None
+        if engine is not None or engine_options:
+            from fastdiss.engines import make_engine
+            self.engine = make_engine(engine, model, self.dcfg, **(engine_options or {}))
+
+    def _lengths(self, enc, length_beam: int):
+        """Top-b predicted lengths per sentence, (B, b), restricted to 1..cap."""
+        logits = self.model.length_logits(enc).float()
+        cap = min(self.cfg.max_len or self.model.cfg.max_len, self.model.cfg.max_len)
+        logits[:, 0] = float("-inf")
+        logits[:, cap + 1:] = float("-inf")
+        return logits.topk(min(length_beam, cap), dim=-1).indices
+
+    @torch.no_grad()
+    def generate(self, src, src_mask, steps: int | None = None, *, length_beam: int | None = None,
+                 noise_draws: int | None = None, select: str | None = None, clamp: bool | None = None,
+                 spacing: str | None = None, time_shift: float | None = None, lengths=None,
+                 seed: int | None = None) -> GenerationResult:
+        """Sample targets for a padded source batch. Keyword arguments override the SampleConfig;
+        `lengths` (B,) forces the target lengths (oracle-length analysis; one length per sentence)."""
+        cfg, model = self.cfg, self.model
+        steps = cfg.steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        b = cfg.length_beam if length_beam is None else length_beam
+        n = cfg.noise_draws if noise_draws is None else noise_draws
+        select = cfg.select if select is None else select
+        clamp = cfg.clamp if clamp is None else clamp
+        spacing = cfg.spacing if spacing is None else spacing
+        time_shift = cfg.time_shift if time_shift is None else time_shift
+        seed = cfg.seed if seed is None else seed
+        if b < 1 or n < 1:
+            raise ValueError(f"length_beam and noise_draws must be >= 1, got {b} and {n}")
+        if select not in ("mbr", "score"):
+            raise ValueError(f"select must be 'mbr' or 'score', got {select!r}")
+        was_training = model.training
+        model.eval()
+        try:
+            return self._generate(src, src_mask, steps, b, n, select, clamp, spacing, time_shift, lengths, seed)
+        finally:
+            model.train(was_training)
+
+    def _generate(self, src, src_mask, steps, b, n, select, clamp, spacing, time_shift, lengths, seed):
+        model, device = self.model, src.device
+        B = src.shape[0]
+        engine = self.engine
+        enc = engine.encode(src, src_mask) if engine is not None else model.encode(src, src_mask)
+        if lengths is not None:
+            lens = torch.as_tensor(lengths, device=device).long().view(B, 1)
+            if int(lens.min()) < 1 or int(lens.max()) > model.cfg.max_len:
+                raise ValueError(f"lengths must lie in [1, {model.cfg.max_len}], got {lens.view(-1).tolist()}")
+        else:
+            lens = self._lengths(enc, b)
+        lens = lens.repeat_interleave(n, dim=1)                  # (B, C): length-major, draws inner
+        C = lens.shape[1]
+        cand_len = lens.reshape(-1)                              # (B*C,)
+        L = int(cand_len.max())
+        enc = enc.repeat_interleave(C)
+        tgt_mask = torch.arange(L, device=device)[None, :] >= cand_len[:, None]
+
+        gen = torch.Generator(device=device).manual_seed(int(seed))
+        x = self.dcfg.noise_factor * torch.randn(B * C, L, model.cfg.d_latent, device=device, generator=gen,
+                                                 dtype=model.tgt_embed.dtype)   # latents in the weights' dtype
+        grid = time_grid(steps, spacing, device=device)
+        if engine is not None:
+            x, sc = engine.denoise(enc, x, tgt_mask, grid, clamp=clamp, time_shift=time_shift)
+        else:
+            sc = torch.zeros_like(x)
+            for k in range(steps):
+                x, sc = denoise_step(model, x, sc, grid[k], grid[k + 1], enc, tgt_mask,
+                                     schedule=self.dcfg.schedule, clamp=clamp, time_shift=time_shift)
+
+        logp = torch.log_softmax(model.logits(sc).float(), dim=-1)
+        tok_logp, ids = logp.max(-1)                             # (B*C, L)
+        keep = ~tgt_mask
+        scores = ((tok_logp * keep).sum(1) / keep.sum(1)).view(B, C)
+        ids_list, lens_list = ids.tolist(), cand_len.tolist()
+        cands = [[ids_list[i * C + c][:lens_list[i * C + c]] for c in range(C)] for i in range(B)]
+        chosen = []
+        for i in range(B):
+            if C == 1:
+                chosen.append(0)
+            elif select == "score":
+                chosen.append(int(scores[i].argmax()))
+            else:
+                chosen.append(_mbr_select([" ".join(map(str, c)) for c in cands[i]]))
+        return GenerationResult(ids=[cands[i][chosen[i]] for i in range(B)], single_ids=[c[0] for c in cands],
+                                candidates=cands, calls_per_sentence=steps * C, steps=steps, latents=x,
+                                scores=scores)
+
+    @torch.no_grad()
+    def translate(self, sources: list, steps: int | None = None, *, batch_size: int = 64, device=None,
+                  **kwargs) -> GenerationResult:
+        """Generate for a list of source id lists, batched by length (sorted, padded per batch),
+        results in input order. `latents` is None here (batches differ in shape)."""
+        device = device or next(self.model.parameters()).device
+        order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+        ids, single, cands = [None] * len(sources), [None] * len(sources), [None] * len(sources)
+        calls, used_steps = 0, steps or self.cfg.steps
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            src, src_mask = pad_batch([sources[i] for i in idx], self.model.pad_id, device)
+            res = self.generate(src, src_mask, steps, **kwargs)
+            for j, i in enumerate(idx):
+                ids[i], single[i], cands[i] = res.ids[j], res.single_ids[j], res.candidates[j]
+            calls, used_steps = res.calls_per_sentence, res.steps
+        return GenerationResult(ids=ids, single_ids=single, candidates=cands, calls_per_sentence=calls,
+                                steps=used_steps)
+
+
+def pad_batch(seqs: list, pad_id: int, device=None):
+    """(ids (B, Lmax) int64, mask (B, Lmax) bool True = padding) from lists of ids."""
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("pad_batch needs a non-empty list of non-empty id sequences")
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+    mask = torch.arange(L)[None, :] >= torch.tensor([len(s) for s in seqs])[:, None]
+    return ids.to(device), mask.to(device)
