@@ -37,7 +37,8 @@ def ext_modules_and_cmdclass():
              "`pip install --no-build-isolation -e .`")
         return [], {}
 
-    cpp_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")) + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
+    cpp_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")) + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp"))
+                       + glob.glob(os.path.join(HERE, "csrc", "sampler", "*.cpp")))
     cu_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
     cuda_glue_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))  # host code, needs CUDA headers
     if not cpp_sources:

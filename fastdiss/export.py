@@ -1,0 +1,288 @@
+"""Export a trained denoiser for the C++ sampler: two AOTInductor packages and what the loop needs.
+
+    fastdiss export --ckpt model.pt --out exported/        (or python -m fastdiss.export ...)
+
+writes into `out`:
+    encoder.pt2      (src, src_mask) -> (memory, length_logits, k_0, v_0, ..., k_{n-1}, v_{n-1})
+    decoder.pt2      (x_t, sc, t, tgt_mask, memory, src_mask, k_0, v_0, ...) -> x0_hat
+    embedding.pt     norm(E) (V, d_e): the rounding head and the clamp targets (torch.save, read by
+                     torch.load in Python and torch::pickle_load in C++)
+    manifest.json    schedule, noise factor, sizes, pad id, input/output order, weights fingerprint
+
+Why two graphs: the encoder, cross-attention K/V and length logits run once per batch; the decoder
+runs K times. The DDIM update (with the optional clamp) is not in the graph: the C++ loop calls the
+fused op fastdiss::ddim_step_clamp between decoder calls, so the graph stays one network call and
+the step arithmetic is the same code the Python sampler uses. The decoder returns x0_hat only; the
+rounding logits (x0_hat @ norm(E)^T, V columns per token) are needed once, after the last step, and
+the C++ loop computes them from embedding.pt.
+
+Why AOTInductor rather than TorchScript: torch.export captures the model as written (no scripting
+restrictions, dynamic batch and lengths checked by the exporter against the declared ranges) and
+AOTInductor compiles it to a shared library that C++ loads without Python. Both graphs export
+cleanly, so there is no TorchScript fallback to maintain. During export the fastdiss backend is
+'torch': the Triton custom ops are Python and cannot run inside a C++ program, so the graphs hold
+the plain PyTorch reference ops, which Inductor then fuses itself.
+
+The same metadata as manifest.json is stored inside decoder.pt2 (AOTInductor package metadata,
+string values), so C++ reads it without a JSON parser.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+import torch.nn as nn
+
+FORMAT = "fastdiss-aoti"
+FORMAT_VERSION = 1
+ENCODER_FILE, DECODER_FILE, EMBEDDING_FILE, MANIFEST_FILE = "encoder.pt2", "decoder.pt2", "embedding.pt", \
+    "manifest.json"
+MAX_BATCH = 4096   # largest batch (sentences x candidates) the exported graphs accept
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over the names, shapes and bytes of the state dict: ties an export to its weights, so an
+    engine built from an export refuses a live model whose weights differ."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class EncoderGraph(nn.Module):
+    """Denoiser.encode + length_logits as one graph with a flat tensor output."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, src, src_mask):
+        enc = self.model.encode(src, src_mask)
+        flat = [enc.out, self.model.length_logits(enc)]
+        for k, v in enc.cross_kv:
+            flat += [k, v]
+        return tuple(flat)
+
+
+class DecoderGraph(nn.Module):
+    """One denoiser call, x0_hat = f(x_t, sc, t, src): the body of every sampling step."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_t, sc, t, tgt_mask, memory, src_mask, cross_kv: list):
+        """cross_kv = [k_0, v_0, k_1, v_1, ...]; flattened, the graph's inputs are in this order."""
+        from fastdiss.model import EncoderState
+        pairs = tuple((cross_kv[2 * i], cross_kv[2 * i + 1]) for i in range(len(cross_kv) // 2))
+        return self.model(x_t, sc, t, EncoderState(memory, src_mask, pairs), tgt_mask)
+
+
+@contextlib.contextmanager
+def _export_mode():
+    """Backend 'torch' (no Python custom ops in the graph) and no data-dependent id range check:
+    Denoiser.encode checks src ids with int(src.min()), which has no value while tracing; the C++
+    sampler checks the range itself before every run."""
+    import fastdiss
+    from fastdiss import model as model_mod
+    previous = fastdiss.get_backend()
+    fastdiss.set_backend("torch")
+    try:
+        with mock.patch.object(model_mod, "_check_ids", lambda name, ids, vocab_size: None):
+            yield
+    finally:
+        fastdiss.set_backend(previous)
+
+
+def _example_inputs(model, device, batch=3, src_len=7, tgt_len=5):
+    """Inputs with distinct sizes (so the exporter does not tie unrelated dims) and some padding."""
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(0)
+    src = torch.randint(0, model.vocab_size, (batch, src_len), generator=gen)
+    src_mask = torch.zeros(batch, src_len, dtype=torch.bool)
+    src_mask[0, src_len - 2:] = True
+    x_t = torch.randn(batch, tgt_len, cfg.d_latent, generator=gen)
+    sc = torch.randn(batch, tgt_len, cfg.d_latent, generator=gen)
+    t = torch.rand(batch, tgt_len, generator=gen)
+    tgt_mask = torch.zeros(batch, tgt_len, dtype=torch.bool)
+    tgt_mask[1, tgt_len - 1:] = True
+    return [x.to(device) for x in (src, src_mask, x_t, sc, t, tgt_mask)]
+
+
+def export_programs(model, device=None):
+    """(encoder ExportedProgram, decoder ExportedProgram) with dynamic batch, source and target length."""
+    from torch.export import Dim
+
+    device = torch.device(device or next(model.parameters()).device)
+    max_len = model.cfg.max_len
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    src_len = Dim("src_len", min=1, max=max_len)
+    tgt_len = Dim("tgt_len", min=1, max=max_len)
+    src, src_mask, x_t, sc, t, tgt_mask = _example_inputs(model, device)
+    with _export_mode(), torch.no_grad():
+        enc_prog = torch.export.export(EncoderGraph(model), (src, src_mask),
+                                       dynamic_shapes=({0: batch, 1: src_len}, {0: batch, 1: src_len}))
+        enc_out = EncoderGraph(model)(src, src_mask)
+        # contiguous examples: the compiled decoder assumes the layout of its example inputs, and the
+        # C++ loop passes contiguous tensors
+        memory, cross = enc_out[0].contiguous(), [c.contiguous() for c in enc_out[2:]]
+        kv_shape = {0: batch, 2: src_len}
+        dec_args = (x_t, sc, t, tgt_mask, memory, src_mask, cross)
+        dec_shapes = ({0: batch, 1: tgt_len}, {0: batch, 1: tgt_len}, {0: batch, 1: tgt_len},
+                      {0: batch, 1: tgt_len}, {0: batch, 1: src_len}, {0: batch, 1: src_len},
+                      [kv_shape] * len(cross))
+        dec_prog = torch.export.export(DecoderGraph(model), dec_args, dynamic_shapes=dec_shapes)
+    return enc_prog, dec_prog
+
+
+def _compile(program, path: Path, metadata: dict | None = None) -> None:
+    """AOTInductor package at `path`, written to a temporary name first so a crash leaves no torn file."""
+    configs = {"aot_inductor.metadata": {k: str(v) for k, v in (metadata or {}).items()}} if metadata else {}
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.pt2")
+    try:
+        with _export_mode():
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=configs)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def manifest_for(model, diffusion_cfg, sample_cfg=None, device="cpu") -> dict:
+    """Everything a loop needs besides the graphs. Values are primitives (also stored as strings in
+    decoder.pt2's metadata for C++)."""
+    cfg = model.cfg
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "torch": torch.__version__,
+        "device": str(torch.device(device).type),
+        "schedule": diffusion_cfg.schedule,
+        "noise_factor": float(diffusion_cfg.noise_factor),
+        "d_latent": int(cfg.d_latent),
+        "d_model": int(cfg.d_model),
+        "n_dec": int(cfg.n_dec),
+        "max_len": int(cfg.max_len),
+        "vocab_size": int(model.vocab_size),
+        "pad_id": int(model.pad_id),
+        "max_batch": MAX_BATCH,
+        "default_steps": int(sample_cfg.steps) if sample_cfg else 4,
+        "default_spacing": sample_cfg.spacing if sample_cfg else "uniform",
+        "default_time_shift": float(sample_cfg.time_shift) if sample_cfg else 0.0,
+        "default_clamp": int(bool(sample_cfg.clamp)) if sample_cfg else 0,
+        "weights_sha256": weights_fingerprint(model),
+        "encoder_outputs": "memory,length_logits," + ",".join(f"k{i},v{i}" for i in range(cfg.n_dec)),
+        "decoder_inputs": "x_t,sc,t,tgt_mask,memory,src_mask," + ",".join(f"k{i},v{i}" for i in range(cfg.n_dec)),
+    }
+
+
+def export_denoiser(model, diffusion_cfg, out_dir, sample_cfg=None, device=None, verbose: bool = False) -> dict:
+    """Export a live Denoiser (see the module docstring); returns the manifest."""
+    from fastdiss.config import DiffusionConfig
+    from fastdiss.model import Denoiser
+
+    if not isinstance(model, Denoiser):
+        raise TypeError(f"model must be a fastdiss.model.Denoiser, got {type(model).__name__}")
+    if not isinstance(diffusion_cfg, DiffusionConfig):
+        raise TypeError(f"diffusion_cfg must be a fastdiss.config.DiffusionConfig, got {type(diffusion_cfg).__name__}")
+    device = torch.device(device or next(model.parameters()).device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        manifest = manifest_for(model, diffusion_cfg, sample_cfg, device)
+        t0 = time.perf_counter()
+        enc_prog, dec_prog = export_programs(model, device)
+        if verbose:
+            print(f"[export] torch.export: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        for prog, name, meta in ((enc_prog, ENCODER_FILE, None), (dec_prog, DECODER_FILE, manifest)):
+            t0 = time.perf_counter()
+            _compile(prog, out / name, meta)
+            if verbose:
+                print(f"[export] AOTInductor {name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        with torch.no_grad(), _export_mode():
+            emb = model.target_embeddings().detach().to("cpu").contiguous().clone()
+        _atomic_write_bytes(out / EMBEDDING_FILE, lambda f: torch.save(emb, f))
+        text = json.dumps(manifest, indent=1) + "\n"
+        _atomic_write_bytes(out / MANIFEST_FILE, lambda f: f.write(text.encode()))
+    finally:
+        model.train(was_training)
+    return manifest
+
+
+def export_model(ckpt_path, out_dir, device: str = "cpu", verbose: bool = False) -> dict:
+    """`fastdiss export`: load a diffusion checkpoint (EMA weights when saved) and export it."""
+    from fastdiss import checkpoint
+
+    ck = checkpoint.load(ckpt_path, map_location=device)
+    if ck.kind != "diffusion":
+        raise ValueError(f"checkpoint {os.fspath(ckpt_path)!r} holds a {ck.kind!r} model; only diffusion "
+                         f"models can be exported for the C++ sampler")
+    return export_denoiser(ck.model, ck.cfg.diffusion, out_dir, sample_cfg=ck.cfg.sample, device=device,
+                           verbose=verbose)
+
+
+def load_manifest(export_dir) -> dict:
+    """The manifest of an export, checked for format and completeness."""
+    d = Path(export_dir)
+    path = d / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{os.fspath(d)!r} is not a fastdiss export (no {MANIFEST_FILE}); "
+                                f"create one with `fastdiss export --ckpt CKPT --out DIR`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{os.fspath(path)!r} has format {manifest.get('format')!r} version "
+                         f"{manifest.get('format_version')!r}; expected {FORMAT!r} version {FORMAT_VERSION}")
+    missing = [f for f in (ENCODER_FILE, DECODER_FILE, EMBEDDING_FILE) if not (d / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"export {os.fspath(d)!r} lacks {missing}; re-run `fastdiss export`")
+    return manifest
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--ckpt", required=True, help="diffusion checkpoint (fastdiss.checkpoint format)")
+    parser.add_argument("--out", required=True, help="output folder for encoder.pt2, decoder.pt2, ...")
+    parser.add_argument("--device", default="cpu", help="device the packages are compiled for (cpu | cuda)")
+    return parser
+
+
+def run(args) -> int:
+    manifest = export_model(args.ckpt, args.out, device=args.device, verbose=True)
+    print(f"exported {args.ckpt} -> {args.out} (schedule {manifest['schedule']}, d_latent {manifest['d_latent']}, "
+          f"vocab {manifest['vocab_size']})")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="fastdiss export", description=__doc__.splitlines()[0]))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
