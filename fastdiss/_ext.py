@@ -5,6 +5,7 @@ report `available() == False`; code that needs the C++ ops calls `require()`.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (or `make test`) in the fastdiss checkout"
@@ -44,3 +45,19 @@ def build_info() -> dict:
     except Exception as e:  # older build without build_info
         info["build_info_error"] = str(e)
     return info
+
+
+def supports(device: "torch.device") -> bool:
+    """True if the compiled ops can run on `device` (CPU always when built; CUDA only if built with CUDA)."""
+    if _C is None:
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return _built_with_cuda()
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _built_with_cuda() -> bool:
+    return build_info().get("cuda") == "yes"

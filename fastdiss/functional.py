@@ -59,7 +59,7 @@ def ddim_step_reference(x0_hat, x_t, alpha_t, sigma_t, alpha_s, sigma_s):
 
 def ddim_step(x0_hat, x_t, alpha_t, sigma_t, alpha_s, sigma_s):
     """DDIM update x_s = alpha_s x0_hat + sigma_s (x_t - alpha_t x0_hat) / sigma_t, per token.
-    Uses the C++/CUDA op torch.ops.fastdiss.ddim_step when the extension is built."""
-    if _ext.available():
+    Uses the C++/CUDA op torch.ops.fastdiss.ddim_step when the extension is built for x_t's device."""
+    if _ext.supports(x_t.device):
         return torch.ops.fastdiss.ddim_step(x0_hat, x_t, alpha_t, sigma_t, alpha_s, sigma_s)
     return ddim_step_reference(x0_hat, x_t, alpha_t, sigma_t, alpha_s, sigma_s)
