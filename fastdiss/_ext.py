@@ -21,7 +21,7 @@ try:
 except Exception as e:  # ImportError, or an ABI mismatch with the installed torch
     _error = f"{type(e).__name__}: {e}"
     warnings.warn(f"fastdiss._C (C++/CUDA extension) is not available ({_error}); using pure PyTorch paths. "
-                  f"To {_BUILD_HINT}.", RuntimeWarning, stacklevel=2)
+                  f"{_BUILD_HINT[0].upper() + _BUILD_HINT[1:]}.", RuntimeWarning, stacklevel=2)
 
 
 def available() -> bool:

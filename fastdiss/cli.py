@@ -746,6 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from fastdiss.resources import GenerationMemoryError
+    from fastdiss.train import NonFiniteLossError
+
     warnings.formatwarning = _fmt_warning
     parser = build_parser()
     try:
@@ -760,6 +763,9 @@ def main(argv=None) -> int:
     except CLIError as e:
         print(f"fastdiss {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except (GenerationMemoryError, NonFiniteLossError) as e:  # clear runtime failures: one line, no traceback
+        print(f"fastdiss {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"fastdiss {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -6,8 +6,9 @@
 
 Each sentence gets C = length_beam x noise_draws candidates (its top-b predicted lengths, each
 with n noise draws); one is chosen by MBR (mutual BLEU) or by model score. Encoder, cross-attention
-K/V and length prediction run once per batch. All randomness comes from one torch.Generator seeded
-per call, so generation is deterministic on CPU for the same inputs and seed.
+K/V and length prediction run once per batch (per chunk of a batch larger than the memory budget,
+see fastdiss.resources). All randomness comes from one torch.Generator seeded per call, so
+generation is deterministic on CPU for the same inputs and seed.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdiss import functional
+from fastdiss import functional, resources
 from fastdiss.config import DiffusionConfig, SampleConfig
 from fastdiss.schedule import alpha_sigma, time_grid
 
@@ -81,13 +82,21 @@ class Sampler:
     engine: who runs the encoder and the K-step loop (fastdiss.engines): None / "python" (the loop
     below), "cpp" (exported graphs, all steps in C++; engine_options={"export_dir": ...}),
     "cuda-graph", or an object with encode() and denoise(). Length prediction, the seeded noise,
-    rounding and selection stay here, so every engine sees the same inputs."""
+    rounding and selection stay here, so every engine sees the same inputs.
+
+    Memory (fastdiss.resources): a batch larger than the memory budget (memory_budget_mb, else
+    $FASTDISS_GEN_MEMORY_BUDGET_MB, else the free CUDA memory; none on CPU) runs in chunks of
+    sentences with the same ids as one batch, or with split_oversize=False is refused with a message
+    that says which batch size fits."""
 
     def __init__(self, model, sample_cfg: SampleConfig | None = None, diffusion_cfg: DiffusionConfig | None = None,
-                 engine=None, engine_options: dict | None = None):
+                 engine=None, engine_options: dict | None = None, *, memory_budget_mb: float | None = None,
+                 split_oversize: bool = True):
         self.model = model
         self.cfg = sample_cfg or SampleConfig()
         self.dcfg = diffusion_cfg or DiffusionConfig()
+        self.memory_budget_mb = memory_budget_mb
+        self.split_oversize = split_oversize
         self.engine = None
         if engine is not None or engine_options:
             from fastdiss.engines import make_engine
@@ -132,36 +141,64 @@ class Sampler:
 
     def _generate(self, src, src_mask, steps, b, n, select, clamp, spacing, time_shift, lengths, seed):
         model, device = self.model, src.device
-        B = src.shape[0]
+        B, Ls = src.shape
         engine = self.engine
-        enc = engine.encode(src, src_mask) if engine is not None else model.encode(src, src_mask)
+        encode = engine.encode if engine is not None else model.encode
         if lengths is not None:
-            lens = torch.as_tensor(lengths, device=device).long().view(B, 1)
-            if int(lens.min()) < 1 or int(lens.max()) > model.cfg.max_len:
-                raise ValueError(f"lengths must lie in [1, {model.cfg.max_len}], got {lens.view(-1).tolist()}")
-        else:
-            lens = self._lengths(enc, b)
+            given = torch.as_tensor(lengths, device=device).long().view(B, 1)
+            if int(given.min()) < 1 or int(given.max()) > model.cfg.max_len:
+                raise ValueError(f"lengths must lie in [1, {model.cfg.max_len}], got {given.view(-1).tolist()}")
+        budget, where = resources.memory_budget(device, self.memory_budget_mb)
+        elem = model.tgt_embed.element_size()
+        whole = {}   # the whole batch's EncoderState, kept when one chunk covers the batch
+
+        # 1. encoder + target lengths, in chunks of sentences when the batch exceeds the budget
+        def lengths_of(i, j):
+            enc = encode(src[i:j], src_mask[i:j])
+            if j - i == B:
+                whole["enc"] = enc
+            return given[i:j] if lengths is not None else self._lengths(enc, b)
+        chunk = resources.sentences_per_chunk(B, resources.encoder_bytes(model.cfg, Ls, elem), budget, where,
+                                              what=f"{Ls} source tokens")
+        lens = torch.cat(resources.run_in_chunks(B, chunk, lengths_of, what=f"{Ls} source tokens"))
         lens = lens.repeat_interleave(n, dim=1)                  # (B, C): length-major, draws inner
         C = lens.shape[1]
         cand_len = lens.reshape(-1)                              # (B*C,)
         L = int(cand_len.max())
-        enc = enc.repeat_interleave(C)
         tgt_mask = torch.arange(L, device=device)[None, :] >= cand_len[:, None]
 
+        # the noise of the whole batch in one draw, so that a split batch sees the same noise
         gen = torch.Generator(device=device).manual_seed(int(seed))
-        x = self.dcfg.noise_factor * torch.randn(B * C, L, model.cfg.d_latent, device=device, generator=gen,
-                                                 dtype=model.tgt_embed.dtype)   # latents in the weights' dtype
+        x_all = self.dcfg.noise_factor * torch.randn(B * C, L, model.cfg.d_latent, device=device, generator=gen,
+                                                     dtype=model.tgt_embed.dtype)   # latents in the weights' dtype
         grid = time_grid(steps, spacing, device=device)
-        if engine is not None:
-            x, sc = engine.denoise(enc, x, tgt_mask, grid, clamp=clamp, time_shift=time_shift)
-        else:
-            sc = torch.zeros_like(x)
-            for k in range(steps):
-                x, sc = denoise_step(model, x, sc, grid[k], grid[k + 1], enc, tgt_mask,
-                                     schedule=self.dcfg.schedule, clamp=clamp, time_shift=time_shift)
 
-        logp = torch.log_softmax(model.logits(sc).float(), dim=-1)
-        tok_logp, ids = logp.max(-1)                             # (B*C, L)
+        # 2. K denoising steps and rounding, per chunk of sentences
+        def decode(i, j):
+            enc = whole.pop("enc", None) if j - i == B else None
+            if enc is None:
+                enc = encode(src[i:j], src_mask[i:j])
+            enc = enc.repeat_interleave(C)
+            rows = slice(i * C, j * C)
+            x, mask = x_all[rows], tgt_mask[rows]
+            if engine is not None:
+                x, sc = engine.denoise(enc, x, mask, grid, clamp=clamp, time_shift=time_shift)
+            else:
+                sc = torch.zeros_like(x)
+                for k in range(steps):
+                    x, sc = denoise_step(model, x, sc, grid[k], grid[k + 1], enc, mask,
+                                         schedule=self.dcfg.schedule, clamp=clamp, time_shift=time_shift)
+            logp = torch.log_softmax(model.logits(sc).float(), dim=-1)
+            tok_logp, ids = logp.max(-1)                         # (rows, L)
+            return x, tok_logp, ids
+        what = f"{C} candidate(s) x {L} target tokens, {Ls} source tokens"
+        chunk = resources.sentences_per_chunk(
+            B, resources.decoder_bytes(model.cfg, model.vocab_size, Ls, L, C, elem), budget, where,
+            split=self.split_oversize, what=what)
+        if chunk < B:
+            whole.pop("enc", None)   # each chunk encodes its own sentences
+        parts = resources.run_in_chunks(B, chunk, decode, what=what)
+        x, tok_logp, ids = (torch.cat(p) for p in zip(*parts))
         keep = ~tgt_mask
         scores = ((tok_logp * keep).sum(1) / keep.sum(1)).view(B, C)
         ids_list, lens_list = ids.tolist(), cand_len.tolist()

@@ -29,7 +29,6 @@ torch.ops.fastdiss.{q_sample_fwd, q_sample_bwd, embed_and_noise_fwd, embed_and_n
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from typing import Optional
@@ -396,7 +395,6 @@ def embed_and_noise_forward_triton(tokens, weight, t, eps, ln_weight, ln_bias, s
     return z0, xt
 
 
-@functools.lru_cache(maxsize=None)
 def embed_and_noise_backward_triton(dz0, dxt, tokens, weight, t, ln_weight, has_ln_bias: bool, schedule: str,
                                     ln_eps: float, num_programs: Optional[int] = None):
     """(dweight, dln_weight, dln_bias) from the gradients of z0 (or None) and x_t.
