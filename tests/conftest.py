@@ -15,13 +15,17 @@ if not _HAS_CUDA:
 
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Fixed seed; one intra-op thread: the test shapes are tiny and gain nothing from a second thread,
+    while on a busy 2-core machine OpenMP's spinning threads slow small ops down many times over."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

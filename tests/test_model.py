@@ -10,16 +10,6 @@ from fastdiss.model import Denoiser, EncoderState
 V, PAD = 29, 0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes gain nothing from a second intra-op thread, and on a shared machine OpenMP's
-    spinning threads slow them down many times over."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_model(**model_overrides):
     cfg = preset("tiny")
     mcfg = ModelConfig(**{**cfg.to_dict()["model"], "max_len": 16, **model_overrides})

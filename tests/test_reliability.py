@@ -38,15 +38,6 @@ V, PAD = 37, 0
 LENS = (5, 1, 9, 3, 7, 2, 6)   # seven sentences: chunks of 3 leave a remainder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes gain nothing from a second intra-op thread on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_model(cls=Denoiser, max_len=16):
     cfg = preset("tiny")
     cfg.model = ModelConfig(**{**cfg.to_dict()["model"], "max_len": max_len})

@@ -11,16 +11,6 @@ from fastdiss.schedule import alpha_sigma, time_grid
 V, PAD = 21, 0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes gain nothing from a second intra-op thread, and on a shared machine OpenMP's
-    spinning threads slow them down many times over."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Recording(Denoiser):
     def __init__(self, *a, **k):
         super().__init__(*a, **k)

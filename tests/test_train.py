@@ -18,16 +18,6 @@ from fastdiss.train import EMA, NonFiniteLossError, Trainer, lr_multiplier, trai
 V, PAD = 25, 0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes gain nothing from a second intra-op thread, and on a shared machine OpenMP's
-    spinning threads slow them down many times over."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cfg(**train_overrides) -> Config:
     cfg = preset("tiny")
     cfg.model = ModelConfig(**{**cfg.to_dict()["model"], "max_len": 16})
