@@ -56,6 +56,15 @@ def _width(n_groups: int) -> float:
     return min(24.0, max(9.0, 3.0 + 0.55 * n_groups))
 
 
+def save_figure(fig, path, subtitle: str, *, fontsize: int = 8, top: float = 0.97, dpi: int = 110):
+    """Subtitle (machine and versions), tight layout, write the PNG, free the figure; returns `path`."""
+    fig.suptitle(subtitle, fontsize=fontsize)
+    fig.tight_layout(rect=(0, 0, 1, top))
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _subtitle(result: dict) -> str:
     h = result.get("header", {})
     m = h.get("machine", {})
@@ -81,11 +90,7 @@ def plot_speedups(result: dict, path: Path) -> Path | None:
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_title(f"{op}: fastdiss speed-up over each provider (>1 = faster)", fontsize=9)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(_subtitle(result), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, _subtitle(result), fontsize=8, top=0.97)
 
 
 def plot_attention_tflops(result: dict, path: Path) -> Path | None:
@@ -102,11 +107,7 @@ def plot_attention_tflops(result: dict, path: Path) -> Path | None:
             ax.axhline(peak, color="red", ls="--", lw=0.8, label=f"measured matmul {peak:.0f}")
         ax.set_title(f"attention {mode}", fontsize=9)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(_subtitle(result), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, _subtitle(result), fontsize=8, top=0.97)
 
 
 def plot_bandwidth(result: dict, path: Path) -> Path | None:
@@ -124,11 +125,7 @@ def plot_bandwidth(result: dict, path: Path) -> Path | None:
             ax.axhline(0.8 * copy_gbps, color="red", ls=":", lw=0.8, label="80% of copy")
         ax.set_title(f"memory-bound ops {mode}", fontsize=9)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(_subtitle(result), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, _subtitle(result), fontsize=8, top=0.97)
 
 
 def plot_kernels(result: dict, out_dir, stem: str) -> list[Path]:

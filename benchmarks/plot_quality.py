@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from benchmarks.plot import save_figure  # noqa: E402
 
 VARIANT_ORDER = ("plain", "scp", "mans", "scp+mans")
 COLORS = {"plain": "tab:gray", "scp": "tab:blue", "mans": "tab:orange", "scp+mans": "tab:red"}
@@ -91,11 +92,7 @@ def plot_bleu_vs_steps(result: dict, task: str, path: Path) -> Path | None:
     ax.set_title(f"{task}: BLEU against sampling steps", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(_subtitle(result), fontsize=7)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, _subtitle(result), fontsize=7, top=0.96)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -146,11 +143,7 @@ def plot_bleu_vs_latency(result: dict, task: str, path: Path) -> Path | None:
     ax.set_title(f"{task}: BLEU against latency", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(_subtitle(result), fontsize=7)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, _subtitle(result), fontsize=7, top=0.96)
 
 
 def plot_quality(result: dict, out_dir, stem: str) -> list[Path]:
@@ -203,11 +196,7 @@ def plot_speedup(result: dict, path: Path) -> Path | None:
     ax.set_title("Speed-up of K-step sampling over the 1000 / 2000-step Python loop (measured)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(_latency_subtitle(result), fontsize=7)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, _latency_subtitle(result), fontsize=7, top=0.96)
 
 
 def plot_ms_vs_steps(result: dict, path: Path) -> Path | None:
@@ -233,11 +222,7 @@ def plot_ms_vs_steps(result: dict, path: Path) -> Path | None:
         ax.set_title(f"batch {batch}", fontsize=9)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.suptitle(_latency_subtitle(result), fontsize=7)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, _latency_subtitle(result), fontsize=7, top=0.95)
 
 
 def _latency_subtitle(result: dict) -> str:

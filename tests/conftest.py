@@ -38,3 +38,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not _HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def triton_backend():
+    """Route fastdiss ops through the Triton kernels (the interpreter on CPU) for one test."""
+    import fastdiss
+    before = fastdiss.get_backend()
+    fastdiss.set_backend("triton")
+    yield
+    fastdiss.set_backend(before)

@@ -14,14 +14,6 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=4e-3,
        torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
 
-@pytest.fixture
-def triton_backend():
-    before = fastdiss.get_backend()
-    fastdiss.set_backend("triton")
-    yield
-    fastdiss.set_backend(before)
-
-
 def close(actual, expected, dtype, name, scale=1.0):
     tol = {k: v * scale for k, v in TOL[dtype].items()}
     torch.testing.assert_close(actual.double(), expected.double(), **tol, msg=lambda m: f"{name}: {m}")
