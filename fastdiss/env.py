@@ -12,7 +12,8 @@ import platform
 import sys
 
 # functional op -> (custom op behind it, kind). "triton": a torch.library custom op whose CUDA kernel
-# launches Triton and whose CPU kernel is the PyTorch reference; "cpp": an op of fastdiss._C.
+# launches Triton and whose CPU kernel is the PyTorch reference (eager CUDA calls reach the same
+# Triton launchers through an autograd.Function, which costs less host time); "cpp": an op of fastdiss._C.
 OPS = {
     "attention": ("attention_fwd", "triton"),
     "layer_norm": ("layer_norm_fwd", "triton"),

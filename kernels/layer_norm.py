@@ -18,7 +18,9 @@ Rows longer than MAX_FUSED_N run the PyTorch reference.
 
 Layers: Triton kernels -> launchers (`layer_norm_forward_triton`, `layer_norm_backward_triton`)
 -> custom ops torch.ops.fastdiss.layer_norm_fwd / layer_norm_bwd (CUDA: Triton; CPU: the PyTorch
-reference, or Triton under the interpreter with backend 'triton') -> `layer_norm()`.
+reference, or Triton under the interpreter with backend 'triton') -> `layer_norm()`, which in eager
+mode on CUDA calls the launchers through a plain autograd.Function instead (less host time per call
+than the custom op, as in attention.py); under torch.compile it always traces the ops.
 """
 from __future__ import annotations
 
@@ -321,26 +323,26 @@ def _layer_norm_bwd_fake(dy, dh, hin, weight, mean, rstd, has_bias):
     return torch.empty_like(hin), dw, db
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, eps = inputs
-    y, h, mean, rstd = output
+def _save_for_backward(ctx, x, weight, bias, residual, h, mean, rstd):
+    """What both autograd paths (the op's and _LayerNormFunction) keep for the backward."""
     ctx.has_residual = residual is not None
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.x_dtype = x.dtype
     ctx.res_dtype = residual.dtype if residual is not None else None
     ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
-    ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)  # an unused h gets None, not a tensor of zeros to read
 
 
-def _backward(ctx, dy, dh, _dmean, _drstd):
+def _input_grads(ctx, dy, dh, backward_fn):
+    """(dx, dweight, dbias, dresidual, None) from the output gradients; `backward_fn` is the
+    backward op or its launcher (same signature)."""
     hin, weight, mean, rstd = ctx.saved_tensors
     if not ctx.has_residual or dh is None or dh.numel() == 0:
         dh = None
     if dy is None:  # only h was used
         dy = torch.zeros_like(hin)
-    dx, dw, db = torch.ops.fastdiss.layer_norm_bwd(dy, dh, hin, weight, mean, rstd, ctx.has_bias)
+    dx, dw, db = backward_fn(dy, dh, hin, weight, mean, rstd, ctx.has_bias)
     dweight = dw.to(weight.dtype) if weight is not None else None
     dbias = db.to(ctx.bias_dtype) if ctx.has_bias else None
     if not ctx.has_residual:
@@ -349,7 +351,36 @@ def _backward(ctx, dy, dh, _dmean, _drstd):
     return dx.to(ctx.x_dtype), dweight, dbias, dx.to(ctx.res_dtype), None
 
 
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, eps = inputs
+    y, h, mean, rstd = output
+    _save_for_backward(ctx, x, weight, bias, residual, h, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, dh, _dmean, _drstd):
+    return _input_grads(ctx, dy, dh, torch.ops.fastdiss.layer_norm_bwd)
+
+
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _LayerNormFunction(torch.autograd.Function):
+    """The same launchers and saved state as the ops, for eager CUDA calls: an autograd.Function
+    costs far less host time per call than a Python custom op. Returns (y, h); without a residual
+    h is an empty, non-differentiable tensor. torch.compile still traces the ops (see `layer_norm`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps):
+        y, h, mean, rstd = layer_norm_forward_triton(x, weight, bias, residual, eps)
+        _save_for_backward(ctx, x, weight, bias, residual, h, mean, rstd)
+        if residual is None:
+            ctx.mark_non_differentiable(h)
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        return _input_grads(ctx, dy, dh, layer_norm_backward_triton)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,5 +411,8 @@ def layer_norm(x, weight, bias, eps=1e-5, residual=None):
     _validate(x, weight, bias, eps, residual)
     if not _backend.use_kernels(x) or x.shape[-1] > MAX_FUSED_N:
         return layer_norm_reference(x, weight, bias, eps, residual)
-    y, h, _, _ = torch.ops.fastdiss.layer_norm_fwd(x, weight, bias, residual, float(eps))
+    if x.is_cuda and not torch.compiler.is_compiling():
+        y, h = _LayerNormFunction.apply(x, weight, bias, residual, float(eps))
+    else:
+        y, h, _, _ = torch.ops.fastdiss.layer_norm_fwd(x, weight, bias, residual, float(eps))
     return y if residual is None else (y, h)

@@ -25,7 +25,9 @@ Layers: Triton kernels -> launchers (`q_sample_forward_triton`, `q_sample_backwa
 `embed_and_noise_forward_triton`, `embed_and_noise_backward_triton`) -> custom ops
 torch.ops.fastdiss.{q_sample_fwd, q_sample_bwd, embed_and_noise_fwd, embed_and_noise_bwd}
 (CUDA: Triton; CPU: the PyTorch reference, or Triton under the interpreter with backend 'triton')
--> `q_sample()`, `embed_and_noise()`.
+-> `q_sample()`, `embed_and_noise()`, which in eager mode on CUDA call the launchers through plain
+autograd.Functions instead (less host time per call than the custom ops, as in attention.py); under
+torch.compile they always trace the ops.
 """
 from __future__ import annotations
 
@@ -477,11 +479,16 @@ def _q_sample_setup_context(ctx, inputs, output):
     ctx.schedule, ctx.noise_factor = schedule, noise_factor
 
 
-def _q_sample_backward(ctx, grad):
+def _q_sample_input_grads(ctx, grad, q_sample_bwd):
+    """(dz0, None, deps, None, None); `q_sample_bwd` is the backward op or its launcher."""
     (t,) = ctx.saved_tensors
     need_dz0, _, need_deps = ctx.needs_input_grad[:3]
-    dz0, deps = torch.ops.fastdiss.q_sample_bwd(grad, t, ctx.schedule, ctx.noise_factor, need_dz0, need_deps)
+    dz0, deps = q_sample_bwd(grad, t, ctx.schedule, ctx.noise_factor, need_dz0, need_deps)
     return (dz0 if need_dz0 else None), None, (deps if need_deps else None), None, None
+
+
+def _q_sample_backward(ctx, grad):
+    return _q_sample_input_grads(ctx, grad, torch.ops.fastdiss.q_sample_bwd)
 
 
 _q_sample_fwd.register_autograd(_q_sample_backward, setup_context=_q_sample_setup_context)
@@ -539,25 +546,62 @@ def _embed_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused z0 gets None, not a tensor of zeros to read
 
 
-def _embed_backward(ctx, dz0, dxt):
+def _embed_input_grads(ctx, dz0, dxt, q_sample_bwd, embed_bwd):
+    """Gradients of all nine inputs; `q_sample_bwd` / `embed_bwd` are the backward ops or their
+    launchers (same signatures)."""
     tokens, weight, t, ln_weight = ctx.saved_tensors
     if dxt is None:  # only z0 was used
         dxt = weight.new_zeros((*tokens.shape, weight.shape[-1]))
     _, need_weight, _, need_eps, need_lnw, need_lnb = ctx.needs_input_grad[:6]
     deps = None
     if need_eps:
-        _, deps = torch.ops.fastdiss.q_sample_bwd(dxt, t, ctx.schedule, ctx.noise_factor, False, True)
+        _, deps = q_sample_bwd(dxt, t, ctx.schedule, ctx.noise_factor, False, True)
     dweight = dlnw = dlnb = None
     if need_weight or need_lnw or need_lnb:
-        dweight, dlnw, dlnb = torch.ops.fastdiss.embed_and_noise_bwd(
-            dz0, dxt, tokens, weight, t, ln_weight, ctx.has_ln_bias, ctx.schedule, ctx.ln_eps)
+        dweight, dlnw, dlnb = embed_bwd(dz0, dxt, tokens, weight, t, ln_weight, ctx.has_ln_bias, ctx.schedule,
+                                        ctx.ln_eps)
         dweight = dweight if need_weight else None
         dlnw = dlnw.to(ctx.ln_dtypes[0]) if need_lnw else None
         dlnb = dlnb.to(ctx.ln_dtypes[1]) if need_lnb else None
     return None, dweight, None, deps, dlnw, dlnb, None, None, None
 
 
+def _embed_backward(ctx, dz0, dxt):
+    ops = torch.ops.fastdiss
+    return _embed_input_grads(ctx, dz0, dxt, ops.q_sample_bwd, ops.embed_and_noise_bwd)
+
+
 _embed_and_noise_fwd.register_autograd(_embed_backward, setup_context=_embed_setup_context)
+
+
+# Eager CUDA path: the same launchers and saved state as the ops, through plain autograd.Functions,
+# which cost far less host time per call than Python custom ops. torch.compile still traces the ops.
+
+class _QSampleFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, z0, t, eps, schedule, noise_factor):
+        out = q_sample_forward_triton(z0, t, eps, schedule, noise_factor)
+        _q_sample_setup_context(ctx, (z0, t, eps, schedule, noise_factor), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _q_sample_input_grads(ctx, grad, q_sample_backward_triton)
+
+
+class _EmbedAndNoiseFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, tokens, weight, t, eps, ln_weight, ln_bias, schedule, noise_factor, ln_eps):
+        inputs = (tokens, weight, t, eps, ln_weight, ln_bias, schedule, noise_factor, ln_eps)
+        out = embed_and_noise_forward_triton(*inputs)
+        _embed_setup_context(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dz0, dxt):
+        return _embed_input_grads(ctx, dz0, dxt, q_sample_backward_triton, embed_and_noise_backward_triton)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -591,6 +635,8 @@ def q_sample(z0, t, eps, schedule="sqrt", noise_factor=1.0):
     _check_scalars(schedule, noise_factor)
     if not _backend.use_kernels(z0):
         return q_sample_reference(z0, t.detach(), eps, schedule, noise_factor)
+    if z0.is_cuda and not torch.compiler.is_compiling():
+        return _QSampleFunction.apply(z0, t.detach(), eps, schedule, float(noise_factor))
     return torch.ops.fastdiss.q_sample_fwd(z0, t.detach(), eps, schedule, float(noise_factor))
 
 
@@ -615,5 +661,8 @@ def embed_and_noise(tokens, weight, t, eps, ln_weight=None, ln_bias=None, schedu
     if not _backend.use_kernels(weight) or D > MAX_FUSED_D:
         return embed_and_noise_reference(tokens, weight, t.detach(), eps, ln_weight, ln_bias, schedule, noise_factor,
                                          ln_eps)
+    if weight.is_cuda and not torch.compiler.is_compiling():
+        return _EmbedAndNoiseFunction.apply(tokens, weight, t.detach(), eps, ln_weight, ln_bias, schedule,
+                                            float(noise_factor), float(ln_eps))
     return torch.ops.fastdiss.embed_and_noise_fwd(tokens, weight, t.detach(), eps, ln_weight, ln_bias, schedule,
                                                   float(noise_factor), float(ln_eps))

@@ -22,6 +22,9 @@ The CPU kernel is the same chunked algorithm in PyTorch (memory-bounded too);
 Ops: torch.ops.fastdiss.rounding_ce_fwd(x, E, targets, ignore_index, chunk_size) -> (loss, lse),
      torch.ops.fastdiss.rounding_ce_bwd(grad_loss, x, E, targets, lse, ignore_index, chunk_size)
      -> (dx, dE). `loss` is per token (fp32, 0 where ignored); reductions happen in PyTorch on top.
+In eager mode on CUDA `rounding_cross_entropy()` calls the Triton launchers through a plain
+autograd.Function instead (less host time per call than the custom ops, as in attention.py); under
+torch.compile it always traces the ops.
 """
 from __future__ import annotations
 
@@ -314,23 +317,48 @@ def _rounding_ce_bwd_fake(grad_loss, x, embedding, targets, lse, ignore_index, c
     return torch.empty_like(x), torch.empty_like(embedding)
 
 
-def _setup_context(ctx, inputs, output):
-    x, embedding, targets, ignore_index, chunk_size = inputs
-    _, lse = output
+def _save_for_backward(ctx, x, embedding, targets, lse, ignore_index, chunk_size):
+    """What both autograd paths (the op's and _RoundingCEFunction) keep for the backward."""
     ctx.save_for_backward(x, embedding, targets, lse)
     ctx.ignore_index = ignore_index
     ctx.chunk_size = chunk_size
+
+
+def _input_grads(ctx, grad_loss, backward_fn):
+    """(dx, dE, None, None, None); `backward_fn` is the backward op or its launcher."""
+    x, embedding, targets, lse = ctx.saved_tensors
+    dx, dE = backward_fn(grad_loss, x, embedding, targets, lse, ctx.ignore_index, ctx.chunk_size)
+    return dx, dE, None, None, None
+
+
+def _setup_context(ctx, inputs, output):
+    x, embedding, targets, ignore_index, chunk_size = inputs
+    _, lse = output
+    _save_for_backward(ctx, x, embedding, targets, lse, ignore_index, chunk_size)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_loss, grad_lse):
-    x, embedding, targets, lse = ctx.saved_tensors
-    dx, dE = torch.ops.fastdiss.rounding_ce_bwd(grad_loss, x, embedding, targets, lse,
-                                                ctx.ignore_index, ctx.chunk_size)
-    return dx, dE, None, None, None
+    return _input_grads(ctx, grad_loss, torch.ops.fastdiss.rounding_ce_bwd)
 
 
 _rounding_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _RoundingCEFunction(torch.autograd.Function):
+    """The same launchers and saved state as the ops, for eager CUDA calls: an autograd.Function
+    costs far less host time per call than a Python custom op. Returns the per-token loss only.
+    torch.compile still traces the ops (see `rounding_cross_entropy`)."""
+
+    @staticmethod
+    def forward(ctx, x, embedding, targets, ignore_index, chunk_size):
+        loss, lse = _triton_forward(x, embedding, targets, ignore_index)
+        _save_for_backward(ctx, x, embedding, targets, lse, ignore_index, chunk_size)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _input_grads(ctx, grad_loss, _triton_backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,7 +424,10 @@ def rounding_cross_entropy(x0_hat, embedding, targets, ignore_index=-100, reduct
     if not _backend.use_kernels(x):
         return rounding_cross_entropy_reference(x, emb, t, ignore_index, reduction).reshape(
             targets.shape if reduction == "none" else ())
-    loss, _ = torch.ops.fastdiss.rounding_ce_fwd(x, emb, t, ignore_index, chunk_size or 0)
+    if x.is_cuda and not torch.compiler.is_compiling():
+        loss = _RoundingCEFunction.apply(x, emb, t, ignore_index, chunk_size or 0)
+    else:
+        loss, _ = torch.ops.fastdiss.rounding_ce_fwd(x, emb, t, ignore_index, chunk_size or 0)
     return _reduce(loss, t, ignore_index, reduction, targets.shape)
 
 

@@ -18,7 +18,10 @@ fp32 inputs use IEEE fp32 dots unless torch allows TF32 for matmuls
 operands are upcast to fp32 (its bf16 dot is wrong).
 
 Layers: Triton kernel -> launcher `self_cond_project_triton` -> custom ops
-torch.ops.fastdiss.self_cond_project_fwd / self_cond_project_bwd -> `self_cond_project()`.
+torch.ops.fastdiss.self_cond_project_fwd / self_cond_project_bwd -> `self_cond_project()`, which in
+eager mode on CUDA calls the launcher and the torch backward through a plain autograd.Function
+instead (less host time per call than the custom ops, as in attention.py); under torch.compile it
+always traces the ops.
 """
 from __future__ import annotations
 
@@ -238,16 +241,37 @@ def _setup_context(ctx, inputs, output):
     ctx.add_shape = add.shape if add is not None else None
 
 
-def _backward(ctx, grad):
+def _input_grads(ctx, grad, backward_fn):
+    """(dx_t, dsc, dweight, dbias, dadd); `backward_fn` is the backward op or `_backward_torch`."""
     x_t, sc, weight = ctx.saved_tensors
-    dx, dsc, dw, db = torch.ops.fastdiss.self_cond_project_bwd(grad, x_t, sc, weight, ctx.has_bias)
+    dx, dsc, dw, db = backward_fn(grad, x_t, sc, weight, ctx.has_bias)
     dadd = None
     if ctx.add_shape is not None and ctx.needs_input_grad[4]:
         dadd = grad.sum_to_size(ctx.add_shape)
     return dx, dsc, dw, (db if ctx.has_bias else None), dadd
 
 
+def _backward(ctx, grad):
+    return _input_grads(ctx, grad, torch.ops.fastdiss.self_cond_project_bwd)
+
+
 _self_cond_project_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _SelfCondProjectFunction(torch.autograd.Function):
+    """The same launcher, saved state and torch-matmul backward as the ops, for eager CUDA calls: an
+    autograd.Function costs far less host time per call than a Python custom op. torch.compile
+    still traces the ops (see `self_cond_project`)."""
+
+    @staticmethod
+    def forward(ctx, x_t, sc, weight, bias, add):
+        y = self_cond_project_triton(x_t, sc, weight, bias, add)
+        _setup_context(ctx, (x_t, sc, weight, bias, add), y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _input_grads(ctx, grad, _backward_torch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,4 +309,6 @@ def self_cond_project(x_t, sc, weight, bias=None, add=None):
                              f"got {tuple(add.shape)}")
     if not _backend.use_kernels(x_t):
         return self_cond_project_reference(x_t, sc, weight, bias, add)
+    if x_t.is_cuda and not torch.compiler.is_compiling():
+        return _SelfCondProjectFunction.apply(x_t, sc, weight, bias, add)
     return torch.ops.fastdiss.self_cond_project_fwd(x_t, sc, weight, bias, add)

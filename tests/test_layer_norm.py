@@ -105,6 +105,49 @@ def test_public_op_autograd(dtype, wdtype, residual, device, triton_backend):
         close(rl.grad, gr, dtype, "dresidual", scale=2)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_autograd_function_matches_float64_and_op(dtype, wdtype, residual, device, triton_backend):
+    """_LayerNormFunction (the eager CUDA path) against the float64 reference, and bitwise equal to the
+    custom op on the same inputs; with a residual also when only y or only h gets a gradient."""
+    shape = (3, 5, 37)
+    x, r, w, b = make(shape, dtype, device, True, residual, wdtype)
+    dy = torch.randn(shape, device=device).to(dtype)
+    dh = torch.randn(shape, device=device).to(dtype) if residual else None
+
+    def function(x, w, b, r):
+        return ln._LayerNormFunction.apply(x, w, b, r, 1e-5)
+
+    def op(x, w, b, r):
+        return torch.ops.fastdiss.layer_norm_fwd(x, w, b, r, 1e-5)[:2]
+
+    def reference(x, w, b, r):  # float64; h rounded to the activations' dtype as the kernel stores it
+        h = x if r is None else (x + r).to(dtype).double()
+        return ln.layer_norm_reference(h, w, b, 1e-5), h
+
+    def run(layer_norm, inputs, upstream):
+        leaves = [None if v is None else v.detach().requires_grad_() for v in inputs]
+        outs = layer_norm(*leaves)
+        used = [(o, g) for o, g in zip(outs, upstream) if g is not None]
+        wrt = [v for v in leaves if v is not None]
+        grads = torch.autograd.grad([o for o, _ in used], wrt, [g for _, g in used], allow_unused=True)
+        return outs[:2 if residual else 1], [torch.zeros_like(v) if g is None else g for v, g in zip(wrt, grads)]
+
+    inputs = (x, w, b, r)
+    names = ["dx", "dweight", "dbias", "dresidual"][:4 if residual else 3]
+    for upstream in ([dy, dh], [dy, None], [None, dh]) if residual else ([dy, None],):
+        fn_outs, fn_grads = run(function, inputs, upstream)
+        op_outs, op_grads = run(op, inputs, upstream)
+        ref_outs, ref_grads = run(reference, [None if v is None else v.double() for v in inputs],
+                                  [None if g is None else g.double() for g in upstream])
+        for name, a, o, e in zip(["y", "h"], fn_outs, op_outs, ref_outs):
+            assert a.dtype == o.dtype and torch.equal(a, o), f"{name}: Function != op"
+            close(a, e, dtype, name)
+        for name, v, a, o, e in zip(names, (x, w, b, r), fn_grads, op_grads, ref_grads):
+            assert a.dtype == v.dtype and torch.equal(a, o), f"{name}: Function != op"
+            close(a, e, dtype, name, scale=5 if name in ("dweight", "dbias") else 2)
+
+
 def test_mixed_residual_dtype_promotes(device, triton_backend):
     x = torch.randn(4, 40, device=device, dtype=torch.bfloat16, requires_grad=True)
     r = torch.randn(4, 40, device=device, dtype=torch.float32, requires_grad=True)

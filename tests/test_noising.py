@@ -157,6 +157,59 @@ def test_public_ops_autograd(dtype, device, triton_backend):
     assert ts.grad is None  # t gets no gradient (documented)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autograd_functions_match_float64_and_op(dtype, device, triton_backend):
+    """_EmbedAndNoiseFunction and _QSampleFunction (the eager CUDA paths) against the float64 oracles
+    above, and bitwise equal to the custom ops on the same inputs: every output and gradient, with
+    both outputs of embed_and_noise used or only one, and q_sample with and without a gradient for eps."""
+    B, L, V, D = 2, 5, 7, 19
+    tokens = torch.randint(0, V, (B, L), device=device)
+    weight = torch.randn(V, D, device=device).to(dtype)
+    lnw, lnb = 1 + 0.3 * torch.randn(D, device=device), 0.2 * torch.randn(D, device=device)
+    t = noise_levels(B, L, True, device)
+    eps = torch.randn(B, L, D, device=device).to(dtype)
+    dz0, dxt = torch.randn(B, L, D, device=device).to(dtype), torch.randn(B, L, D, device=device).to(dtype)
+
+    def run(embed, upstream):
+        leaves = [v.detach().requires_grad_() for v in (weight, lnw, lnb, eps)]
+        w, lw, lb, e = leaves
+        outs = embed(tokens, w, t, e, lw, lb, "vp-linear", NOISE, 1e-5)
+        used = [(o, g) for o, g in zip(outs, upstream) if g is not None]
+        grads = torch.autograd.grad([o for o, _ in used], leaves, [g for _, g in used], allow_unused=True)
+        return [*outs, *(torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads))]
+
+    names = ("z0", "x_t", "dweight", "dln_weight", "dln_bias", "deps")
+    scales = (1, 2, 3, 10, 10, 1)
+    for upstream in ([dz0, dxt], [None, dxt], [dz0, None]):
+        fn = run(nz._EmbedAndNoiseFunction.apply, upstream)
+        op = run(torch.ops.fastdiss.embed_and_noise_fwd, upstream)
+        z_ref, x_ref, grads_ref = embed_reference(tokens, weight, t, eps, lnw, lnb, "vp-linear",
+                                                  *(torch.zeros_like(dz0) if g is None else g for g in upstream))
+        for name, scale, a, o, e in zip(names, scales, fn, op, [z_ref, x_ref, *grads_ref]):
+            assert torch.equal(a, o), f"{name}: Function != op"
+            close(a, e, dtype, name, scale=scale)
+        assert fn[2].dtype == fn[5].dtype == dtype and fn[3].dtype == fn[4].dtype == torch.float32
+
+    z0, g = torch.randn(B, L, D, device=device).to(dtype), torch.randn(B, L, D, device=device).to(dtype)
+    a, s = alpha_sigma64(t, B, L)("cosine")
+    for eps_grad in (True, False):
+        results = []
+        for q_sample in (nz._QSampleFunction.apply, torch.ops.fastdiss.q_sample_fwd):
+            zl, el = z0.detach().requires_grad_(), eps.detach().requires_grad_(eps_grad)
+            out = q_sample(zl, t, el, "cosine", NOISE)
+            out.backward(g)
+            results.append((out, zl.grad, el.grad))
+        (out, dz, de), (op_out, op_dz, op_de) = results
+        assert torch.equal(out, op_out) and torch.equal(dz, op_dz), "q_sample: Function != op"
+        close(out, a * z0.double() + s * NOISE * eps.double(), dtype, "q_sample")
+        close(dz, a * g.double(), dtype, "q_sample dz0")
+        if eps_grad:
+            assert torch.equal(de, op_de), "q_sample deps: Function != op"
+            close(de, s * NOISE * g.double(), dtype, "q_sample deps")
+        else:
+            assert de is None and op_de is None
+
+
 def test_embed_gradient_through_one_output(device, triton_backend):
     """Only z0 or only x_t used: the other output's gradient counts as zero."""
     tokens = torch.randint(0, 6, (2, 4), device=device)
