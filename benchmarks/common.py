@@ -151,14 +151,16 @@ def machine_info(device: torch.device) -> dict:
 
 
 def git_info() -> dict:
-    """Commit and dirty flag of the checkout. FASTDISS_GIT_COMMIT / FASTDISS_GIT_DIRTY override
-    (the GPU machine gets a copy of the tree without .git)."""
+    """Commit and dirty flag of the checkout (results files under benchmarks/results/ do not count:
+    they are outputs, not code). FASTDISS_GIT_COMMIT / FASTDISS_GIT_DIRTY override (the GPU machine
+    gets a copy of the tree without .git)."""
     commit = os.environ.get("FASTDISS_GIT_COMMIT") or _run(["git", "rev-parse", "HEAD"])
     dirty_env = os.environ.get("FASTDISS_GIT_DIRTY")
     if dirty_env is not None:
         dirty = dirty_env.strip().lower() in ("1", "true", "yes")
     else:
-        status = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+        status = _run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                       ":(exclude)benchmarks/results"])
         dirty = None if status is None else bool(status)
     return {"commit": commit or None, "dirty": dirty}
 
