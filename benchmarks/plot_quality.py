@@ -249,27 +249,37 @@ def _fmt(x, nd=2):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
+def _metric_table(diff: dict, ar: dict, ks: list, metric: str) -> list[str]:
+    """Rows of one metric (mean ± std over seeds) per variant and mode, then the AR rows."""
+    lines = [f"{metric} | variant | mode | " + " | ".join(f"K={k}" for k in ks) + " |",
+             "|---|---|---|" + "---|" * len(ks)]
+    lines[0] = "| " + lines[0]
+    for v in _variants(diff):
+        for mode in ("single", "mbr"):
+            cells = diff[v].get(mode)
+            if not cells:
+                continue
+            row = []
+            for k in ks:
+                c = cells.get(str(k))
+                row.append(f"{_fmt(c[metric]['mean'])} ± {_fmt(c[metric]['std'])}" if c and metric in c else "-")
+            lines.append(f"| {metric} | {v} | {mode} | " + " | ".join(row) + " |")
+    for dec, c in ar.items():
+        if metric in c:
+            lines.append(f"| {metric} | AR | {dec} | {_fmt(c[metric]['mean'])} ± {_fmt(c[metric]['std'])} "
+                         f"({_fmt(c['ms_per_sentence'], 1)} ms/sent) |" + " |" * (len(ks) - 1))
+    return lines
+
+
 def quality_tables(result: dict) -> str:
-    """Markdown: BLEU mean ± std per variant and steps (single and MBR), AR rows, and the headline."""
+    """Markdown: BLEU and chrF mean ± std per variant and steps (single and MBR), AR rows, and the headline."""
     lines = []
     for task, summ in result.get("summary", {}).items():
         diff = summ.get("diffusion", {})
         ks = sorted({int(k) for v in diff.values() for m in v.values() for k in m})
-        lines += [f"### {task}", "", "| variant | mode | " + " | ".join(f"K={k}" for k in ks) + " |",
-                  "|---|---|" + "---|" * len(ks)]
-        for v in _variants(diff):
-            for mode in ("single", "mbr"):
-                cells = diff[v].get(mode)
-                if not cells:
-                    continue
-                row = []
-                for k in ks:
-                    c = cells.get(str(k))
-                    row.append(f"{_fmt(c['bleu']['mean'])} ± {_fmt(c['bleu']['std'])}" if c else "-")
-                lines.append(f"| {v} | {mode} | " + " | ".join(row) + " |")
-        for dec, c in summ.get("ar", {}).items():
-            lines.append(f"| AR | {dec} | {_fmt(c['bleu']['mean'])} ± {_fmt(c['bleu']['std'])} "
-                         f"({_fmt(c['ms_per_sentence'], 1)} ms/sent) |" + " |" * (len(ks) - 1))
+        lines += [f"### {task}", ""]
+        lines += _metric_table(diff, summ.get("ar", {}), ks, "bleu") + [""]
+        lines += _metric_table(diff, summ.get("ar", {}), ks, "chrf")
         lines += ["", "| variant | BLEU few (K=1/2/4) | BLEU at K_max | fewest K within tol of plain@K_max | "
                       "speed-up (calls) | speed-up (measured) |", "|---|---|---|---|---|---|"]
         for v, h in summ.get("headline", {}).items():
