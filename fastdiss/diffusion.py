@@ -53,6 +53,18 @@ def mans_times(t, measure, cfg: DiffusionConfig):
     return (t + (1.0 - t) * cfg.mans_s_max * mans_ratio(measure, cfg)).clamp(max=1.0)
 
 
+def rounding_loss(x0_hat, embeddings, targets):
+    """Mean CE of the tied rounding head. On GPUs the fused op never holds the (tokens x vocab)
+    logits; on CPU memory is not the constraint and logits + F.cross_entropy is the fastest exact
+    path (measured: a tiny training step 0.78 s with the chunked CPU op, 0.55 s with this)."""
+    if x0_hat.device.type == "cpu":
+        logits = x0_hat.reshape(-1, x0_hat.shape[-1]) @ embeddings.to(x0_hat.dtype).t()
+        flat = targets.reshape(-1)
+        total = F.cross_entropy(logits.float(), flat, ignore_index=IGNORE, reduction="sum")
+        return total / (flat != IGNORE).sum().clamp_min(1)   # the fused op's mean (0 when all are ignored)
+    return functional.rounding_cross_entropy(x0_hat, embeddings, targets, ignore_index=IGNORE)
+
+
 class DiffusionObjective(nn.Module):
     """loss(batch) -> (loss, stats). An nn.Module so DistributedDataParallel can wrap it
     (forward == loss) and every denoiser call happens inside DDP's forward."""
@@ -95,7 +107,10 @@ class DiffusionObjective(nn.Module):
         device = tgt.device
 
         enc = model.encode(src, src_mask)
-        t = batch["t"].to(device).float() if "t" in batch else torch.rand(B, device=device)
+        if "t" in batch:
+            t = batch["t"].to(device).float()
+        else:
+            t = cfg.t_min + (1.0 - cfg.t_min) * torch.rand(B, device=device)
         d_e = model.cfg.d_latent
         eps = batch["eps"].to(device) if "eps" in batch else torch.randn(B, L, d_e, device=device)
         z0, x_t = model.embed_and_noise(tgt, t, eps, schedule=cfg.schedule, noise_factor=cfg.noise_factor)
@@ -136,7 +151,7 @@ class DiffusionObjective(nn.Module):
         mask_f = keep.unsqueeze(-1).to(x0_hat.dtype)
         mse = ((x0_hat.float() - z0.float()).pow(2) * mask_f).sum() / (n_tok * d_e)
         targets = tgt.masked_fill(tgt_mask, IGNORE)
-        ce = functional.rounding_cross_entropy(x0_hat, model.target_embeddings(), targets, ignore_index=IGNORE)
+        ce = rounding_loss(x0_hat, model.target_embeddings(), targets)
         max_len = model.cfg.max_len
         length_ce = F.cross_entropy(model.length_logits(enc).float(), keep.sum(1).clamp(max=max_len))
         loss = cfg.mse_weight * mse + cfg.ce_weight * ce + cfg.length_weight * length_ce

@@ -33,10 +33,14 @@ class LayerNorm(nn.Module):
     """LayerNorm with an optional fused residual add: forward(x, residual) returns
     (norm(x + residual), x + residual), the pair a pre-LN block needs."""
 
-    def __init__(self, dim: int, use_kernels: bool = True, eps: float = 1e-5):
+    def __init__(self, dim: int, use_kernels: bool = True, eps: float = 1e-5, affine: bool = True):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
+        if affine:
+            self.weight = nn.Parameter(torch.ones(dim))
+            self.bias = nn.Parameter(torch.zeros(dim))
+        else:  # fixed unit scale, zero shift (kept as buffers so every kernel path stays the same)
+            self.register_buffer("weight", torch.ones(dim), persistent=False)
+            self.register_buffer("bias", torch.zeros(dim), persistent=False)
         self.eps = eps
         self.use_kernels = use_kernels
 
@@ -132,9 +136,12 @@ class EncoderLayer(nn.Module):
 class Encoder(nn.Module):
     """Scaled token embeddings + sinusoidal positions, pre-LN self-attention layers, final LayerNorm."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int, shared_dim: int | None = None):
         super().__init__()
-        self.embed = nn.Embedding(vocab_size, cfg.d_model, padding_idx=pad_id)
+        if shared_dim is None:
+            self.embed = nn.Embedding(vocab_size, cfg.d_model, padding_idx=pad_id)
+        else:  # source tokens come as rows of a shared (V, shared_dim) table, projected up to d_model
+            self.embed_up = nn.Linear(shared_dim, cfg.d_model, bias=False)
         self.embed_scale = math.sqrt(cfg.d_model)
         self.register_buffer("pos", sinusoidal_positions(cfg.max_len, cfg.d_model), persistent=False)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -142,11 +149,13 @@ class Encoder(nn.Module):
         self.norm = LayerNorm(cfg.d_model, cfg.use_kernels)
         self.max_len = cfg.max_len
 
-    def forward(self, src, src_mask):
+    def forward(self, src, src_mask, shared_table=None):
+        """src (B, Ls) ids; shared_table: the (V, shared_dim) table when embeddings are shared."""
         L = src.shape[1]
         if L > self.max_len:
             raise ValueError(f"source length {L} exceeds the model's max_len {self.max_len}")
-        x, residual = self.dropout(self.embed(src) * self.embed_scale + self.pos[:L]), None
+        tok = self.embed(src) * self.embed_scale if shared_table is None else self.embed_up(F.embedding(src, shared_table))
+        x, residual = self.dropout(tok + self.pos[:L]), None
         for layer in self.layers:
             x, residual = layer(x, residual, src_mask)
         return add_and_norm(self.norm, x, residual)[0]
@@ -231,12 +240,16 @@ class Denoiser(nn.Module):
         cfg = self.cfg = model_cfg
         self.vocab_size, self.pad_id = vocab_size, pad_id
         d, de = cfg.d_model, cfg.d_latent
-        self.encoder = Encoder(cfg, vocab_size, pad_id)
-        self.length_head = nn.Linear(d, cfg.max_len + 1)
-        # cross-attention K/V of every decoder layer, projected in encode()
         self.tgt_embed = nn.Parameter(torch.randn(vocab_size, de))       # E (V, d_e)
-        self.tgt_embed_norm = LayerNorm(de, cfg.use_kernels)              # z0 = norm(E[y])
+        self.tgt_embed_norm = LayerNorm(de, cfg.use_kernels, affine=cfg.latent_norm_affine)  # z0 = norm(E[y])
+        self.encoder = Encoder(cfg, vocab_size, pad_id, de if cfg.share_embeddings else None)
+        # absolute lengths 0..max_len, or offsets -max_len..max_len from the source length
+        self.length_head = nn.Linear(d, 2 * cfg.max_len + 1 if cfg.length_offset else cfg.max_len + 1)
         self.in_proj = nn.Linear(2 * de, d)                               # Linear([x_t ; sc])
+        if cfg.src_copy != "none":                                        # source copy into the decoder input
+            self.copy_proj = nn.Linear(d, d)
+        if cfg.src_copy == "soft":
+            self.copy_log_tau = nn.Parameter(torch.zeros(()))
         self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.register_buffer("tgt_pos", sinusoidal_positions(cfg.max_len, d), persistent=False)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -249,27 +262,59 @@ class Denoiser(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):  # source tokens, scaled by sqrt(d) in the encoder
                 nn.init.normal_(m.weight, std=m.weight.shape[1] ** -0.5)
                 if m.padding_idx is not None:
                     with torch.no_grad():
                         m.weight[m.padding_idx].zero_()
+        if self.cfg.share_embeddings:  # unit-scale source token vectors, like the unshared path
+            nn.init.normal_(self.encoder.embed_up.weight, std=self.cfg.d_latent ** -0.5)
 
     # -- source side, once per batch ---------------------------------------------------------
     def encode(self, src, src_mask) -> EncoderState:
         """Encoder output + per-layer cross-attention K/V. src (B, Ls) int64, src_mask (B, Ls) bool."""
         _check_ids("src", src, self.vocab_size)
         _check_mask("src_mask", src_mask, src.shape)
-        out = self.encoder(src, src_mask)
+        out = self.encoder(src, src_mask, self.tgt_embed if self.cfg.share_embeddings else None)
         cross_kv = tuple(layer.cross_attn.project_kv(out) for layer in self.decoder)
         return EncoderState(out, src_mask, cross_kv)
 
     def length_logits(self, enc: EncoderState):
-        """(B, max_len + 1) logits over target lengths, from the mean of non-padding encoder outputs."""
+        """(B, max_len + 1) logits over target lengths 0..max_len, from the mean of non-padding encoder
+        outputs. With length_offset the head scores offsets -max_len..max_len from the source length,
+        and absolute length l reads the offset class l - src_len."""
         keep = (~enc.src_mask).unsqueeze(-1).to(enc.out.dtype)
         pooled = (enc.out * keep).sum(1) / keep.sum(1).clamp_min(1.0)
-        return self.length_head(pooled)
+        logits = self.length_head(pooled)
+        if not self.cfg.length_offset:
+            return logits
+        n = self.cfg.max_len
+        src_len = (~enc.src_mask).sum(1, keepdim=True)
+        idx = torch.arange(n + 1, device=logits.device)[None, :] - src_len + n     # in [0, 2n]
+        return logits.gather(1, idx)
+
+    def source_copy(self, enc: EncoderState, tgt_mask, B: int, L: int):
+        """(B, L, d) encoder outputs copied to the target positions (ModelConfig.src_copy): target
+        position j of a length-Lt target reads source position j * Ls / Lt (uniform: that position's
+        output; soft: a mix of its neighbours). The decoder thus starts from an aligned guess of the
+        source instead of learning the alignment through cross-attention alone."""
+        device = enc.out.device
+        src_len = (~enc.src_mask).sum(1).clamp_min(1).float()                      # (B,)
+        tgt_len = (torch.full((B,), float(L), device=device) if tgt_mask is None
+                   else (~tgt_mask).sum(1).clamp_min(1).float())
+        pos = torch.arange(L, device=device, dtype=torch.float32)[None, :] * (src_len / tgt_len)[:, None]
+        if self.cfg.src_copy == "uniform":
+            idx = torch.minimum(pos.floor(), src_len[:, None] - 1).long()          # (B, L)
+            copied = enc.out.gather(1, idx[..., None].expand(B, L, enc.out.shape[-1]))
+        else:
+            src_pos = torch.arange(enc.out.shape[1], device=device, dtype=torch.float32)
+            dist = (pos[..., None] - src_pos[None, None, :]).abs()                  # (B, L, Ls)
+            score = -dist / self.copy_log_tau.exp()
+            score = score.masked_fill(enc.src_mask[:, None, :], float("-inf"))
+            copied = torch.softmax(score, -1).to(enc.out.dtype) @ enc.out
+        return self.copy_proj(copied)
 
     # -- target side ---------------------------------------------------------------------------
     def target_embeddings(self):
@@ -310,6 +355,8 @@ class Denoiser(nn.Module):
         if sc is None:
             sc = torch.zeros_like(x_t)
         add = self.time_embedding(t) + self.tgt_pos[:L]
+        if self.cfg.src_copy != "none":
+            add = add + self.source_copy(enc, tgt_mask, B, L)
         if self.cfg.use_kernels:
             h = functional.self_cond_project(x_t, sc, self.in_proj.weight, self.in_proj.bias, add=add)
         else:

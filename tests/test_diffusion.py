@@ -78,7 +78,7 @@ def test_loss_matches_hand_computation_without_self_conditioning():
     with torch.no_grad():
         keep = ~b["tgt_mask"]
         z0 = model.embed_target(b["tgt"])
-        x_t = functional.q_sample(z0, b["t"], b["eps"], "sqrt", 1.0)
+        x_t = functional.q_sample(z0, b["t"], b["eps"], "sqrt", obj.cfg.noise_factor)
         enc = model.encode(b["src"], b["src_mask"])
         x0 = Denoiser.forward(model, x_t, None, b["t"], enc, b["tgt_mask"])
         mse = ((x0 - z0) ** 2).mean(-1)[keep].mean()
@@ -135,7 +135,7 @@ def test_scp_first_pass_runs_at_a_higher_noise_level(mode):
             assert (delta <= 0.3 + 1e-6).all()
         # x_{t'} reuses the training eps (deterministic DDIM path)
         z0 = model.embed_target(b["tgt"]).detach()
-        torch.testing.assert_close(first["x_t"], functional.q_sample(z0, t_prime, b["eps"]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(first["x_t"], functional.q_sample(z0, t_prime, b["eps"], noise_factor=obj.cfg.noise_factor), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(trained["sc"], first["out"])
 
 
@@ -145,7 +145,7 @@ def test_scp_fresh_eps_and_gaussian_modes():
     obj.loss(b)
     first = model.calls[0]
     z0 = model.embed_target(b["tgt"]).detach()
-    assert not torch.allclose(first["x_t"], functional.q_sample(z0, first["t"], b["eps"]), atol=1e-3)
+    assert not torch.allclose(first["x_t"], functional.q_sample(z0, first["t"], b["eps"], noise_factor=obj.cfg.noise_factor), atol=1e-3)
 
     model, obj = make(self_cond_prob=1.0, scp=True, scp_mode="gaussian", scp_noise_std=0.5, mans=False)
     obj.loss(b)
@@ -210,7 +210,7 @@ def test_mans_per_token_times_in_objective(measure):
         order = torch.argsort(sign * m[i][k])
         assert (ti[i][k][order].diff() >= -1e-6).all()
     # the trained pass sees x at the per-token times with the same eps; SCP runs at t'_i >= t_i
-    torch.testing.assert_close(trained["x_t"], functional.q_sample(z0, ti, b["eps"]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(trained["x_t"], functional.q_sample(z0, ti, b["eps"], noise_factor=obj.cfg.noise_factor), atol=1e-5, rtol=1e-5)
     assert (scp["t"] >= ti - 1e-6).all() and (scp["t"][ti < 0.999] > ti[ti < 0.999]).all()
     torch.testing.assert_close(trained["sc"], scp["out"])
 

@@ -1,0 +1,72 @@
+"""Package a trained run as a shipped model (fastdiss/pretrained/<name>/), with its provenance.
+
+    python -m benchmarks.make_shipped_model --run runs/learning_curve/elb2web-default-distilled-s0 \
+        --name elb2web-tiny
+    python -m benchmarks.make_shipped_model --run runs/learning_curve/elb2web-ar-s0 --name elb2web-tiny-ar
+
+Reads the run's last.pt (EMA weights) and result.json (written by benchmarks/learning_curve.py:
+the command, commit, machine, training steps and seconds), scores the model once on the whole
+validation split (K = 4, one candidate; AR: greedy) and writes model.safetensors (fp16),
+config.json, tokenizer.json and provenance.json. Refuses a model over the 10 MB size limit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from benchmarks import common
+
+SIZE_LIMIT = 10 * 1024 * 1024
+
+
+def valid_bleu(ck, task: str) -> float:
+    from fastdiss.cli import encode_sources, evaluate_rows
+    from fastdiss.data import corpus
+    pairs = corpus.load_pairs(task, "valid")
+    srcs = encode_sources(ck.tokenizer, [s for s, _ in pairs], int(ck.cfg.model.max_len))
+    settings = [4] if ck.kind == "diffusion" else [1]
+    rows, _ = evaluate_rows(ck, srcs, [t for _, t in pairs], settings, device="cpu", length_beam=1, noise_draws=1,
+                            select="score", seed=0)
+    return rows[0]["bleu"]
+
+
+def main(argv=None):
+    from fastdiss import checkpoint, pretrained
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="a learning_curve run folder (last.pt + result.json)")
+    p.add_argument("--name", required=True, help="folder name under fastdiss/pretrained/")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    result = json.loads((run / "result.json").read_text())
+    ck = checkpoint.load(str(run / "last.pt"))
+    last = max(result["points"], key=lambda q: q["train_steps"])
+    losses = [h["loss"] for h in (ck.train_state or {}).get("history", []) if "loss" in h]
+    head = result["header"]
+    provenance = {
+        "task": result["task"], "kind": ck.kind, "variant": result["variant"], "preset": head["config"]["args"]["preset"],
+        "train_command": head.get("command"), "git": head.get("git"), "machine": head.get("machine"),
+        "train_steps": last["train_steps"], "train_hours": last["train_seconds"] / 3600,
+        "seconds_per_step": last["train_seconds"] / max(1, last["train_steps"]),
+        "train_data": result["data"].get("train_data", "references of the embedded corpus"),
+        "params": sum(t.numel() for t in ck.model.state_dict().values()),
+        "valid_bleu": valid_bleu(ck, result["task"]),
+        "valid_bleu_setting": "whole valid split, K = 4, one candidate" if ck.kind == "diffusion" else "greedy",
+        "test_subset_scores": last["scores"],
+        "train_log": {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+                      "logged_points": len(losses)},
+        "packaged_at": common.git_info(),
+    }
+    out = pretrained.save_pretrained(ck, pretrained.shipped_path(args.name), provenance)
+    size = (out / "model.safetensors").stat().st_size
+    if size > SIZE_LIMIT:
+        raise SystemExit(f"{out}/model.safetensors is {size / 2**20:.1f} MiB, over the 10 MB limit of shipped files")
+    print(f"wrote {out} ({size / 2**20:.1f} MiB weights, valid BLEU {provenance['valid_bleu']:.2f})")
+
+
+if __name__ == "__main__":
+    main()
