@@ -58,7 +58,8 @@ def test_ddim_step_matches_formula():
 def test_whole_recursion_and_self_conditioning(steps, spacing):
     model = tiny(Recording)
     src, src_mask = sources()
-    s = Sampler(model, SampleConfig(length_beam=2, noise_draws=2, spacing=spacing), DiffusionConfig(noise_factor=1.5))
+    s = Sampler(model, SampleConfig(length_beam=2, noise_draws=2, spacing=spacing, time_shift=0.0),
+                DiffusionConfig(noise_factor=1.5))
     res = s.generate(src, src_mask, steps, seed=7)
     calls = model.calls
     assert len(calls) == steps
