@@ -90,13 +90,13 @@ def run_one(args) -> dict:
     for section, kv in VARIANTS[args.variant].items():
         overrides.setdefault(section, {}).update(kv)
     checkpoints = sorted(set(args.checkpoints))
-    cfg = quality.make_config(args.preset, overrides, None, args.seed, checkpoints[-1], None, args.warmup)
-    data = quality.load_task(args.task, cfg.model.max_len, args.test_sentences, 0, RUN_DIR, False)
+    cfg = quality.make_config(args.preset, overrides, None, args.seed, checkpoints[-1], args.max_tokens, args.warmup)
+    data = quality.load_task(args.task, cfg.model.max_len, args.test_sentences, 0, Path(args.run_dir), False)
     if args.train_tsv:
         data.train = load_distilled(args.train_tsv, data.tokenizer, cfg.model.max_len)
         data.info["train_data"] = f"distilled: {args.train_tsv} ({len(data.train)} pairs)"
     name = args.name or f"{args.task}-{args.variant}{'-distilled' if args.train_tsv else ''}-s{args.seed}"
-    run_dir = RUN_DIR / name
+    run_dir = Path(args.run_dir) / name
     run_dir.mkdir(parents=True, exist_ok=True)
     out_path = run_dir / "result.json"
     result = common.read_json(out_path) if out_path.is_file() else {
@@ -180,6 +180,43 @@ def merge(tag: str, run_dir: Path, out_dir: Path) -> dict:
     return out
 
 
+def _ms(v: dict | None, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    return f"{v['mean']:.{digits}f} ± {v['sd']:.{digits}f}" if v["n"] > 1 else f"{v['mean']:.{digits}f}"
+
+
+def curve_table(merged: dict) -> str:
+    """Markdown: BLEU / chrF against training steps (and CPU seconds) per task and variant, the
+    identity baseline beside them; then the final sweep over sampling steps. Means ± sd over seeds."""
+    out = []
+    for task in sorted({e["task"] for e in merged["summary"]}):
+        entries = [e for e in merged["summary"] if e["task"] == task]
+        out += [f"**{task}** (identity baseline, the source copied unchanged: BLEU {entries[0]['identity_bleu']:.1f})", "",
+                "| variant | seeds | steps | CPU s | BLEU K=1 | BLEU K=4 / AR greedy | chrF K=4 / AR greedy |",
+                "|---|---|---|---|---|---|---|"]
+        for e in entries:
+            for p in e["curve"]:
+                main = p.get("K4") or p.get("greedy")
+                out.append(f"| {e['variant']} | {len(e['seeds'])} | {p['train_steps']} | "
+                           f"{p['train_cpu_seconds']['mean']:.0f} | {_ms((p.get('K1') or {}).get('bleu'))} | "
+                           f"{_ms(main['bleu'])} | {_ms(main['chrf'])} |")
+        finals = [e for e in entries if e["final"]]
+        if finals:
+            ks = [f["steps"] for f in finals[0]["final"] if f.get("time_shift", 1.0) != 0.0]
+            out += ["", f"Sampling steps at the last checkpoint (BLEU, one candidate; 'true t' = K=4 without "
+                        f"condition-enhanced sampling):", "",
+                    "| variant | " + " | ".join(f"K={k}" for k in ks) + " | K=4, true t |",
+                    "|---|" + "---|" * (len(ks) + 1)]
+            for e in finals:
+                cells = {(f["steps"], f.get("time_shift") == 0.0): f for f in e["final"]}
+                row = [_ms(cells[(k, False)]["bleu"]) if (k, False) in cells else "-" for k in ks]
+                row.append(_ms(cells[(4, True)]["bleu"]) if (4, True) in cells else "-")
+                out.append(f"| {e['variant']} | " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def plot(merged: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -200,9 +237,8 @@ def plot(merged: dict, path: Path) -> None:
         ax.set_xlabel("training steps")
         ax.set_ylabel("test BLEU (mean over seeds)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    from benchmarks.plot import save_figure
-    save_figure(fig, path)
+    from benchmarks.plot import _subtitle, save_figure
+    save_figure(fig, path, _subtitle(merged["runs"][0] if merged["runs"] else merged), top=0.92)
 
 
 def main(argv=None):
@@ -215,6 +251,7 @@ def main(argv=None):
     p.add_argument("--final-steps", nargs="*", type=int, default=list(FINAL_STEPS))
     p.add_argument("--test-sentences", type=int, default=96)
     p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens per batch (default: the preset's)")
     p.add_argument("--train-tsv", default=None, help="train on these pairs (e.g. distilled) instead of the task's")
     p.add_argument("--set", nargs="*", default=[], help="config overrides SECTION.KEY=VALUE")
     p.add_argument("--threads", type=int, default=1)

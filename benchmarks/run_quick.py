@@ -55,6 +55,9 @@ def main(argv=None) -> dict:
     p.add_argument("--latency-budget-s", type=float, default=170.0)
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--skip-learning-curve", action="store_true")
+    p.add_argument("--lc-checkpoints", nargs="+", type=int, default=[60, 120],
+                   help="learning-curve checkpoints (optimizer steps) of the quick run")
     p.add_argument("--tag", default=None, help="results name suffix (default: quick-<device>)")
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     p.add_argument("--work-dir", default=None, help="checkpoints (default: runs/bench)")
@@ -87,6 +90,17 @@ def main(argv=None) -> dict:
     if done.get("quality"):
         tables += ["## Quality (SacreBLEU, mean ± std over seeds)", "", plot_quality.quality_tables(done["quality"]),
                    ""]
+    if not args.skip_learning_curve:
+        from benchmarks import learning_curve
+        lc_dir = str(Path(args.work_dir or common.REPO_ROOT / "runs" / "bench") / "learning_curve")
+        for variant in ("default", "old", "ar"):
+            lc_args = ["--task", args.tasks[0], "--variant", variant, "--seed", "0", "--threads", str(args.threads),
+                       "--checkpoints", *map(str, args.lc_checkpoints), "--max-tokens", str(args.max_tokens),
+                       "--test-sentences", str(args.test_sentences), "--final-steps", "--run-dir", lc_dir]
+            print("==> learning curve: python -m benchmarks.learning_curve " + " ".join(lc_args), flush=True)
+            learning_curve.main(lc_args)
+        merged = learning_curve.main(["--merge", "--tag", tag, "--run-dir", lc_dir, "--out-dir", str(out_dir)])
+        tables += ["## Learning curve (BLEU at K = 4, AR greedy)", "", learning_curve.curve_table(merged), ""]
     if not args.skip_latency:
         l_args = ["--quick", "--threads", str(args.threads), "--tag", tag, "--out-dir", str(out_dir),
                   "--max-point-s", str(args.latency_max_point_s), "--budget-s", str(args.latency_budget_s),
