@@ -169,7 +169,9 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     steps: int = 4
-    spacing: str = "uniform"
+    # time grid of the K steps; "quadratic" puts more of them near t = 0. Chosen on kjv2web validation
+    # data (tiny preset, 800 steps, K = 4, 2 seeds): 21.4 / 18.3 BLEU against 18.4 / 16.6 for uniform.
+    spacing: str = "quadratic"
     clamp: bool = False          # snap x0_hat to the nearest embedding (argmax, re-embed) at every step
     length_beam: int = 3         # top-b predicted lengths
     noise_draws: int = 1         # noise samples per length
