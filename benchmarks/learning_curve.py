@@ -78,8 +78,42 @@ def evaluate(model, cfg, kind, data, device, steps: int, time_shift: float | Non
     if time_shift is not None:
         cfg = cfg.replace(sample=type(cfg.sample)(**{**cfg.sample.__dict__, "time_shift": time_shift}))
     row = quality.eval_diffusion(model, cfg, data, steps, "single", 1, 1, cfg.train.seed, device, batch_size=96)
-    row["time_shift"] = cfg.sample.time_shift
+    row["time_shift"], row["spacing"] = cfg.sample.time_shift, cfg.sample.spacing
     return row
+
+
+def reeval(args) -> dict:
+    """Score a finished run's last checkpoint again with other sampling settings (--set sample.KEY=VALUE),
+    e.g. after a sampler default changed; the earlier sweep is kept as final_before_reeval."""
+    from fastdiss import checkpoint
+    from fastdiss.config import Config
+    torch.set_num_threads(args.threads)
+    run_dir = Path(args.run_dir) / args.name
+    result = common.read_json(run_dir / "result.json")
+    sample_over = quality.parse_overrides(args.set).get("sample", {})
+    d = result["config"]
+    d["sample"].update(sample_over)
+    cfg = Config.from_dict(d)
+    data = quality.load_task(result["task"], cfg.model.max_len, args.test_sentences, 0, Path(args.run_dir), False)
+    model = checkpoint.load(str(run_dir / "last.pt")).model.eval()
+    final = []
+    for k in args.final_steps:
+        row = evaluate(model, cfg, "diffusion", data, torch.device("cpu"), k)
+        final.append({kk: row[kk] for kk in row if kk not in ("bleu_signature", "chrf_signature")})
+        _log(f"{args.name} reeval K={k}: BLEU {row['bleu']:.2f} chrF {row['chrf']:.1f}")
+    if cfg.sample.time_shift:
+        row = evaluate(model, cfg, "diffusion", data, torch.device("cpu"), 4, time_shift=0.0)
+        final.append({kk: row[kk] for kk in row if kk not in ("bleu_signature", "chrf_signature")})
+    before = result.get("final_sample") or result["config"]["sample"]
+    result.setdefault("final_before_reeval", {"sample": before, "final": result["final"]})
+    # step counts not scored again keep their earlier row, marked with the grid it used
+    kept = [{**r, "spacing": r.get("spacing", before["spacing"])} for r in result["final_before_reeval"]["final"]
+            if r["steps"] not in args.final_steps and r.get("time_shift") != 0.0]
+    result["final"], result["final_sample"] = final + kept, cfg.to_dict()["sample"]
+    result.setdefault("reeval_headers", []).append(common.run_header("learning_curve-reeval", torch.device("cpu"),
+                                                                     {"args": vars(args)}))
+    common.write_json(result, run_dir / "result.json")
+    return result
 
 
 def run_one(args) -> dict:
@@ -132,6 +166,7 @@ def run_one(args) -> dict:
         if cfg.sample.time_shift:
             row = evaluate(model, cfg, kind, data, device, 4, time_shift=0.0)
             result["final"].append({kk: row[kk] for kk in row if kk not in ("bleu_signature", "chrf_signature")})
+        result["final_sample"] = cfg.to_dict()["sample"]
         common.write_json(result, out_path)
     return result
 
@@ -141,6 +176,10 @@ def run_one(args) -> dict:
 def _mean_sd(vals):
     return {"mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals),
             "values": vals}
+
+
+def r0_spacing(run: dict) -> str:
+    return (run.get("final_sample") or run["config"]["sample"])["spacing"]
 
 
 def merge(tag: str, run_dir: Path, out_dir: Path) -> dict:
@@ -165,6 +204,7 @@ def merge(tag: str, run_dir: Path, out_dir: Path) -> dict:
             for i, f in enumerate(rs[0]["final"]):
                 vals = [r["final"][i] for r in rs]
                 entry["final"].append({"steps": f["steps"], "time_shift": f.get("time_shift"),
+                                       "spacing": f.get("spacing", r0_spacing(rs[0])),
                                        "bleu": _mean_sd([v["bleu"] for v in vals]),
                                        "chrf": _mean_sd([v["chrf"] for v in vals]),
                                        "ms_per_sentence": _mean_sd([v["ms_per_sentence"] for v in vals])})
@@ -204,13 +244,15 @@ def curve_table(merged: dict) -> str:
         finals = [e for e in entries if e["final"]]
         if finals:
             ks = [f["steps"] for f in finals[0]["final"] if f.get("time_shift", 1.0) != 0.0]
-            out += ["", f"Sampling steps at the last checkpoint (BLEU, one candidate; 'true t' = K=4 without "
-                        f"condition-enhanced sampling):", "",
+            grid0 = finals[0]["final"][0].get("spacing", "uniform")
+            out += ["", f"Sampling steps at the last checkpoint (BLEU, one candidate, {grid0} time grid unless "
+                        f"marked; 'true t' = K=4 without condition-enhanced sampling):", "",
                     "| variant | " + " | ".join(f"K={k}" for k in ks) + " | K=4, true t |",
                     "|---|" + "---|" * (len(ks) + 1)]
             for e in finals:
                 cells = {(f["steps"], f.get("time_shift") == 0.0): f for f in e["final"]}
-                row = [_ms(cells[(k, False)]["bleu"]) if (k, False) in cells else "-" for k in ks]
+                grid = lambda f: "" if f.get("spacing") == e["final"][0].get("spacing") else f" ({f['spacing']} grid)"  # noqa: E731
+                row = [_ms(cells[(k, False)]["bleu"]) + grid(cells[(k, False)]) if (k, False) in cells else "-" for k in ks]
                 row.append(_ms(cells[(4, True)]["bleu"]) if (4, True) in cells else "-")
                 out.append(f"| {e['variant']} | " + " | ".join(row) + " |")
         out.append("")
@@ -257,12 +299,16 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default=None)
     p.add_argument("--merge", action="store_true", help="gather finished runs into one results JSON + plot")
+    p.add_argument("--reeval", action="store_true",
+                   help="score the finished run --name again at --final-steps with --set sample.* overrides")
     p.add_argument("--tag", default="cpu-tiny")
     p.add_argument("--run-dir", default=str(RUN_DIR))
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     args = p.parse_args(argv)
     if args.merge:
         return merge(args.tag, Path(args.run_dir), Path(args.out_dir))
+    if args.reeval:
+        return reeval(args)
     return run_one(args)
 
 
