@@ -9,8 +9,11 @@ DEPS   := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.fastdiss-built
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 export MAX_JOBS ?= 2
+# The venv's tools first: cmake and ninja are pinned in requirements.txt, so the CMake tests and
+# `make cmake-example` run on a machine that has no system cmake.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: demo test test-fast bench env cmake-example clean
+.PHONY: demo test test-fast bench bench-micro env cmake-example clean
 
 $(PY):
 	@echo "==> creating $(VENV)"
@@ -39,6 +42,9 @@ test-fast: $(BUILT)
 
 bench: $(BUILT)
 	$(PY) -m benchmarks.run_quick
+
+bench-micro: $(BUILT)
+	$(PY) -m pytest benchmarks/micro_cpu.py --benchmark-only
 
 env: $(BUILT)
 	$(PY) -m fastdiss.cli env

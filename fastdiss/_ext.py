@@ -1,12 +1,13 @@
 """Loads the compiled extension fastdiss._C, or explains how to build it.
 
-`import fastdiss` must work without the extension (pure PyTorch paths): we warn once and
-report `available() == False`; code that needs the C++ ops calls `require()`.
+`import fastdiss` must work without the extension (pure PyTorch paths), and quietly: the ops that
+use it fall back to their PyTorch references, so a warning at import would fire where nothing
+needs it. `available()` / `build_info()` say why it is missing (`fastdiss env` prints it), and
+code that cannot run without the C++ ops calls `require()`, whose error names the build command.
 """
 from __future__ import annotations
 
 import functools
-import warnings
 
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (or `make test`) in the fastdiss checkout"
 _C = None
@@ -20,8 +21,6 @@ try:
     _C = _module
 except Exception as e:  # ImportError, or an ABI mismatch with the installed torch
     _error = f"{type(e).__name__}: {e}"
-    warnings.warn(f"fastdiss._C (C++/CUDA extension) is not available ({_error}); using pure PyTorch paths. "
-                  f"{_BUILD_HINT[0].upper() + _BUILD_HINT[1:]}.", RuntimeWarning, stacklevel=2)
 
 
 def available() -> bool:

@@ -51,7 +51,7 @@ def rounding_cross_entropy(x0_hat, embedding, targets, ignore_index=-100, reduct
 
 
 def ddim_step_reference(x0_hat, x_t, alpha_t, sigma_t, alpha_s, sigma_s):
-    """DDIM update from time t to s < t (method.md section 1); alpha/sigma per token (B, L)."""
+    """DDIM update from time t to s < t (docs/method.md section 1); alpha/sigma per token (B, L)."""
     a_t, s_t, a_s, s_s = (v.unsqueeze(-1).to(x_t.dtype) for v in (alpha_t, sigma_t, alpha_s, sigma_s))
     eps_hat = (x_t - a_t * x0_hat) / s_t
     return a_s * x0_hat + s_s * eps_hat

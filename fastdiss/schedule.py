@@ -1,6 +1,6 @@
 """Continuous-time noise schedules: alpha(t), sigma(t) for t in [0, 1], per sequence or per token.
 
-x_t = alpha(t) * z0 + sigma(t) * F * eps, with F the noise factor (method.md, section 1).
+x_t = alpha(t) * z0 + sigma(t) * F * eps, with F the noise factor (docs/method.md, section 1).
 All functions accept any tensor shape for t and broadcast elementwise, so per-token levels
 (B, L) work the same as per-sequence levels (B,).
 """

@@ -6,6 +6,15 @@ the backward, which recomputes the probabilities block by block. The backward ru
 kernels and no atomics: delta = rowsum(O * dO), then dK/dV (one program per key block, looping
 over query blocks) and dQ (one program per query block, looping over key blocks).
 
+The dK/dV kernel computes S^T = K Q^T (keys x queries) rather than S = Q K^T, so that P^T and dS^T
+are produced in the layout the dV and dK dots take as their first operand. The earlier form,
+dot(trans(P), dO) with P = dot(Q, trans(K)), transposed a dot result in registers; with BLOCK_M = 32 <
+BLOCK_N the first dot lowers to Ampere mma (M < 64) and the second to Hopper wgmma with that register
+transpose as its operand. Exactly those configs gave wrong dK/dV in an H200 sweep (Triton 3.6), all
+others were right, and the interpreter (no such lowering) was right for all. Now every dot of the
+kernel has M = BLOCK_N and only loaded tiles (q, dO) are transposed, through shared memory (checked
+in the compiled sm_90 code by tests/test_attention.py; not yet re-run on a GPU).
+
 Masks. Padded keys (key_padding_mask True) and, with `is_causal`, keys after the query
 (top-left aligned, as in SDPA with Lq == Lk) get score -inf before the running max. A query row
 with no key left keeps l = 0: its output is 0, its logsumexp is stored as +inf so that the
@@ -301,22 +310,23 @@ if HAS_TRITON:
             if DOT_F32:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)
-            keep = keep_n[None, :] & row_ok[:, None]
+            # Transposed (key x query) tiles: no dot result is transposed in registers (module notes).
+            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+            pt = tl.math.exp2(st - lse[None, :] * 1.4426950408889634)
+            keep = keep_n[:, None] & row_ok[None, :]
             if IS_CAUSAL:
-                keep = keep & (offs_n[None, :] <= rows[:, None])
-            p = tl.where(keep, p, 0.0)
-            p_lo = p.to(DO.dtype.element_ty)
+                keep = keep & (offs_n[:, None] <= rows[None, :])
+            pt = tl.where(keep, pt, 0.0)
+            pt_lo = pt.to(DO.dtype.element_ty)
             if DOT_F32:
-                p_lo = p_lo.to(tl.float32)
-            dv += tl.dot(tl.trans(p_lo), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            ds_lo = ds.to(Q.dtype.element_ty)
+                pt_lo = pt_lo.to(tl.float32)
+            dv += tl.dot(pt_lo, do, input_precision=PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            dst_lo = dst.to(Q.dtype.element_ty)
             if DOT_F32:
-                ds_lo = ds_lo.to(tl.float32)
-            dk += tl.dot(tl.trans(ds_lo), q, input_precision=PRECISION)
+                dst_lo = dst_lo.to(tl.float32)
+            dk += tl.dot(dst_lo, q, input_precision=PRECISION)
 
         dk = dk * scale
         tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -422,8 +432,8 @@ def _fwd_config(Lq: int, head_dim: int):
 def _bwd_config(head_dim: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) shared by the dK/dV and dQ kernels.
     GPU: 64x64, 4 warps, 2 stages was fastest on an H200 for head dims 64 and 128 (8 warps: 2.2x slower
-    at head dim 128). BLOCK_M=32 with BLOCK_N>=64 at head dim 128 gave wrong dK/dV with Triton 3.6 on
-    that GPU (the interpreter shows the same code correct), so the GPU configs stay square."""
+    at head dim 128), timed before the dK/dV kernel moved to transposed tiles. BLOCK_M=32 < BLOCK_N,
+    which gave wrong dK/dV then, is valid now (module notes); tests/test_attention.py forces it."""
     if is_interpret():
         return 16, 16, 1, 1
     return 64, 64, 4, 2
