@@ -12,7 +12,7 @@
 
 namespace fastdiss {
 
-// DDIM update from time t to s < t, per token (../shared/method.md, section 1):
+// DDIM update from time t to s < t, per token (docs/method.md, section 1):
 //   x_s = alpha_s * x0_hat + sigma_s * (x_t - alpha_t * x0_hat) / sigma_t
 // x0_hat, x_t: (B, L, D) float32/float16/bfloat16; alpha_*, sigma_*: (B, L) float32. Math in float32.
 at::Tensor ddim_step(const at::Tensor& x0_hat, const at::Tensor& x_t, const at::Tensor& alpha_t,

@@ -2,7 +2,7 @@
 
 The whole Config is saved inside every checkpoint (Config.to_dict) and read back strictly
 (Config.from_dict): an unknown key is an error, so a typo in a config file or a checkpoint from
-another version never passes silently. Every "ours" choice of method.md is a setting here.
+another version never passes silently. Every "ours" choice of docs/method.md is a setting here.
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    """The training objective (method.md sections 1, 3, 4). scp=False and mans=False give plain
+    """The training objective (docs/method.md sections 1, 3, 4). scp=False and mans=False give plain
     self-conditioned embedding diffusion (the "standard diffusion" baseline)."""
     schedule: str = "sqrt"
     # F in x_t = alpha z0 + sigma F eps. 4 (Difformer's setting): with F = 1 the nearest embedding of

@@ -1,4 +1,4 @@
-"""The training objective: self-conditioned embedding diffusion with SCP and MANS (method.md 1, 3, 4).
+"""The training objective: self-conditioned embedding diffusion with SCP and MANS (docs/method.md 1, 3, 4).
 
 One training step on a batch, in order:
   1. t ~ U(0, 1) per sequence, eps ~ N(0, I); z0 = norm(E[y]); x_t = alpha(t) z0 + sigma(t) F eps.
@@ -38,7 +38,7 @@ def scp_delta(batch_size: int, cfg: DiffusionConfig, device=None, generator=None
 
 
 def mans_ratio(measure, cfg: DiffusionConfig):
-    """Confidence ratio r_i in [0, 1] from fixed anchors (method.md 4). For 'distance' the input
+    """Confidence ratio r_i in [0, 1] from fixed anchors (docs/method.md 4). For 'distance' the input
     is d_i = ||x0_hat_i - z0_i||^2 / d_e (small = confident); for 'prob' it is p(y_i)."""
     if cfg.mans_measure == "distance":
         r = (cfg.mans_d_hi - measure) / (cfg.mans_d_hi - cfg.mans_d_lo)
@@ -89,7 +89,7 @@ class DiffusionObjective(nn.Module):
         return self.model(x, None, t, enc, tgt_mask).detach()
 
     def _confidence(self, x0_hat, z0, tgt):
-        """Per-token confidence measure of method.md 4 (no grad)."""
+        """Per-token confidence measure of docs/method.md 4 (no grad)."""
         with torch.no_grad():
             if self.cfg.mans_measure == "distance":
                 return (x0_hat.float() - z0.detach().float()).pow(2).mean(-1)

@@ -227,7 +227,7 @@ class DecoderLayer(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """x0-predicting denoiser f(x_t, sc, t, src) of self-conditioned embedding diffusion (method.md 1)."""
+    """x0-predicting denoiser f(x_t, sc, t, src) of self-conditioned embedding diffusion (docs/method.md 1)."""
 
     kind = "diffusion"
 
