@@ -44,6 +44,9 @@ def main(argv=None):
     run = Path(args.run)
     result = json.loads((run / "result.json").read_text())
     ck = checkpoint.load(str(run / "last.pt"))
+    if result.get("final_sample"):   # sampling settings of the run's final sweep (after a --reeval, the new defaults)
+        from fastdiss.config import SampleConfig
+        ck.cfg.sample = SampleConfig(**result["final_sample"])
     last = max(result["points"], key=lambda q: q["train_steps"])
     losses = [h["loss"] for h in (ck.train_state or {}).get("history", []) if "loss" in h]
     head = result["header"]

@@ -332,15 +332,45 @@ def gpu_dev_block(results_dir: Path) -> str:
 
 @block("demo")
 def demo_block(results_dir: Path) -> str:
-    """The score tables of the committed `fastdiss demo` outputs (demo-*-cpu.txt), verbatim."""
-    parts = []
-    for path in sorted(Path(results_dir).glob("demo-*-cpu.txt")):
-        lines = path.read_text().splitlines()
-        start = next(i for i, s in enumerate(lines) if "test subset" in s and "training steps" in s)
-        end = next(i for i in range(start, len(lines)) if lines[i].startswith("BLEU signature"))
-        parts += ["```", *lines[start:end + 1], "```", ""]
-    names = ", ".join(f"`benchmarks/results/{p.name}`" for p in sorted(Path(results_dir).glob("demo-*-cpu.txt")))
-    return "\n".join(parts + [f"Source: {names}."])
+    """Per task, the first example and the table of `fastdiss demo --save benchmarks/results/demo-cpu.json`."""
+    path = Path(results_dir) / "demo-cpu.json"
+    records = json.loads(path.read_text())["tasks"]
+    lines = ["```", records[0]["threads"]]
+    for rec in records:
+        ex = rec["examples"][0]
+        lines += ["", f"=== {rec['task']} ===", f"source       : {ex['source']}", f"reference    : {ex['reference']}"]
+        for key in ("K1", "K4", "K1000", "ar"):
+            if key in ex:
+                lines.append(f"{('AR greedy' if key == 'ar' else 'K = ' + key[1:]):<13}: {' '.join(ex[key].split())}")
+        lines += [rec["table"].rstrip("\n")]
+    m = records[0]["machine"]
+    lines += [f"BLEU signature: {records[0]['signatures']['bleu']}", "```", "",
+              f"Source: `benchmarks/results/{path.name}` ({m['cpu']}, {m['cores']} cores, torch {m['torch']}).", ""]
+    return "\n".join(lines)
+
+
+@block("learning-curve")
+def learning_curve_block(results_dir: Path) -> str:
+    """Learning curves, final step sweeps and the identity baseline, from learning-curve-cpu-tiny.json."""
+    from benchmarks.learning_curve import curve_table
+    path = Path(results_dir) / "learning-curve-cpu-tiny.json"
+    merged = json.loads(path.read_text())
+    commits = sorted({(r["header"]["git"]["commit"] or "?")[:7] + (" (dirty)" if r["header"]["git"]["dirty"] else "")
+                      for r in merged["runs"]})
+    return curve_table(merged) + f"\nSource: `benchmarks/results/{path.name}` (runs at commits {', '.join(commits)}).\n"
+
+
+@block("shipped-model")
+def shipped_model_block(results_dir: Path) -> str:
+    """How the shipped models were trained, from their provenance.json files."""
+    rows = ["| model | kind | preset | parameters | training steps | CPU hours | training data | valid BLEU |",
+            "|---|---|---|---|---|---|---|---|"]
+    for folder in sorted((ROOT / "fastdiss" / "pretrained").glob("*/provenance.json")):
+        p = json.loads(folder.read_text())
+        rows.append(f"| `{folder.parent.name}` | {p['kind']} | {p['preset']} | {p['params'] / 1e6:.1f} M | "
+                    f"{p['train_steps']} | {p['train_hours']:.2f} | {p['train_data']} | "
+                    f"{p['valid_bleu']:.2f} ({p['valid_bleu_setting']}) |")
+    return "\n".join(rows) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------- CLI

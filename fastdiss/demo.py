@@ -1,194 +1,215 @@
-"""`fastdiss demo` (`make demo`): the few-step claim on a CPU in under ten minutes.
+"""`fastdiss demo` (`make demo`): few-step translation with the models shipped in the package.
 
-Trains the `small` preset on the embedded kjv2web task (King James -> modern English) for a few
-minutes, or reuses the checkpoint a previous demo left in OUT/<variant>/, then samples a fixed subset
-of the test split (John) with 1, 2, 4, 8, 16 and 1000 DDIM steps: the same sentences, one candidate
-each, so the rows differ only in the number of steps. The table shows BLEU, chrF, latency per
-sentence and the speed-up over 1000 steps; three examples follow.
+For each shipped task it loads the diffusion model in fastdiss/pretrained/ and its autoregressive
+peer of the same size and training budget, then on a fixed subset of the test split (the Gospel of
+John) prints a few examples (source, reference, K = 1, K = 4, the many-step output, AR greedy) and a
+table: BLEU, chrF, ms per sentence and speed-up for K = 1, 2, 4, 8, 16 and 1000 sampling steps, the
+AR greedy row and the identity row (the source copied unchanged). The tasks: elb2web (German ->
+English, the real translation task) and kjv2web (King James -> modern English, close to a copy
+task: read it against the identity row). No training: minutes on a 2-core CPU.
 
-Without the model modules (an install of the data layer only) it describes the corpus instead.
+`fastdiss demo --retrain` trains the diffusion model of one task from scratch instead (with the
+shipped model's recipe; the expected time is printed first) and runs the same table on it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-import time
 
 DEMO_STEPS = (1, 2, 4, 8, 16, 1000)
-VARIANTS = {"scp-mans": (True, True), "plain": (False, False)}
-TASK = "kjv2web"
-MARKER = "demo.json"
+TASKS = {"elb2web": ("elb2web-tiny", "elb2web-tiny-ar"), "kjv2web": ("kjv2web-tiny", "kjv2web-tiny-ar")}
+MAX_SUBSET_TOKENS = 32   # subset sentences have at most this many source tokens
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from fastdiss.cli import _device, _int_list, _positive_float, _positive_int
-    p.add_argument("--minutes", type=_positive_float, default=4.0,
-                   help="training budget in minutes of wall clock (default 4)")
-    p.add_argument("--max-steps", type=_positive_int, default=None,
-                   help="stop training after N steps instead (or earlier, at the time budget)")
-    p.add_argument("--variant", choices=tuple(VARIANTS), default="scp-mans",
-                   help="scp-mans (FastDiSS, default) or plain self-conditioned diffusion")
-    p.add_argument("--out", default=os.path.join("runs", "demo"),
-                   help="folder for the checkpoints; OUT/<variant>/last.pt is reused when present (default runs/demo)")
-    p.add_argument("--retrain", action="store_true", help="train again even if a finished checkpoint exists")
-    p.add_argument("--sentences", type=_positive_int, default=32,
-                   help="size of the fixed test subset (default 32; the 1000-step row is the cost: a few "
-                        "minutes on 2 CPU cores)")
-    p.add_argument("--max-tokens", type=_positive_int, default=None,
-                   help="training batch size in tokens (default: the small preset's)")
+    p.add_argument("--task", choices=("all", *TASKS), default="all", help="which shipped task(s) to show (default all)")
+    p.add_argument("--model", default=None,
+                   help="with --task: a model folder or checkpoint instead of the shipped one (no AR row then)")
+    p.add_argument("--sentences", type=_positive_int, default=48, help="size of the fixed test subset (default 48)")
+    p.add_argument("--examples", type=int, default=3, help="example translations to print (default 3)")
     p.add_argument("--steps", type=_int_list, default=list(DEMO_STEPS), metavar="K[,K...]",
                    help="step counts of the table (default 1,2,4,8,16,1000)")
-    p.add_argument("--seed", type=int, default=0, help="training and sampling seed (default 0)")
+    p.add_argument("--no-ar", action="store_true", help="skip the AR peer's row")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: chosen from the free cores, see the first line)")
+    p.add_argument("--retrain", action="store_true", help="train the diffusion model from scratch first")
+    p.add_argument("--train-steps", type=_positive_int, default=None,
+                   help="with --retrain: optimizer steps (default: the shipped model's)")
+    p.add_argument("--minutes", type=_positive_float, default=None, help="with --retrain: a wall-clock budget")
+    p.add_argument("--out", default=os.path.join("runs", "demo"), help="with --retrain: output folder")
+    p.add_argument("--seed", type=int, default=0, help="sampling (and training) seed (default 0)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda, auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--save", default=None, metavar="PATH",
+                   help="also write the table, examples and machine as JSON (what the README's demo section is made from)")
     return p
 
 
-def _model_available() -> str | None:
-    """None when the model modules import, else why not."""
+def choose_threads(requested: int | None = None) -> tuple[int, str]:
+    """Torch threads for a small model on a possibly busy machine, and why. Measured on a 2-core VM:
+    a 2-step batch-1 generation took 25 ms with one thread and 2.8 s with two threads when another
+    process held a core (OpenMP threads spin-waiting on each other), so only idle cores are used."""
+    cores = os.cpu_count() or 1
+    if requested:
+        return requested, f"{requested} torch thread(s) as requested, {cores} core(s)"
     try:
-        import fastdiss.checkpoint  # noqa: F401
-        import fastdiss.model  # noqa: F401
-        import fastdiss.sampling  # noqa: F401
-        import fastdiss.train  # noqa: F401
-    except ImportError as e:
-        return str(e)
-    return None
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    free = max(1, min(4, int(cores - math.ceil(load - 0.25))))
+    return free, f"{free} torch thread(s): {cores} core(s), load average {load:.1f}"
 
 
-MAX_SUBSET_TOKENS = 24   # subset sentences have at most this many source tokens (keeps 1000 steps affordable)
-MAX_GEN_LEN = 48         # cap on predicted target lengths while sampling the table
-
-
-def test_subset(pairs: list, n: int, tokenizer=None, max_tokens: int = MAX_SUBSET_TOKENS) -> list:
-    """n pairs spread evenly over the split (every chapter represented), always the same ones; with a
-    tokenizer, only pairs whose source has at most max_tokens tokens (the 1000-step row costs time
-    in proportion to the tokens sampled)."""
-    if tokenizer is not None:
-        pairs = [p for p in pairs if len(tokenizer.encode(p[0])) <= max_tokens]
+def test_subset(pairs: list, n: int, tokenizer, max_tokens: int = MAX_SUBSET_TOKENS) -> list:
+    """n pairs spread evenly over the split, always the same ones, sources of at most max_tokens tokens."""
+    pairs = [p for p in pairs if len(tokenizer.encode(p[0])) <= max_tokens]
     if n >= len(pairs):
         return list(pairs)
-    stride = len(pairs) / n
-    return [pairs[int(i * stride)] for i in range(n)]
+    return [pairs[int(i * len(pairs) / n)] for i in range(n)]
 
 
-def demo_config(variant: str, seed: int, max_tokens: int | None = None):
-    """The small preset with the variant's SCP/MANS switches and a schedule suited to minutes of CPU."""
-    from fastdiss import config
-    cfg = config.preset("small")
-    if max_tokens is not None:
-        cfg.train.max_tokens = max_tokens
-    cfg.diffusion.scp, cfg.diffusion.mans = VARIANTS[variant]
-    cfg.train.seed = seed
-    cfg.train.warmup = 100          # the preset's 500 would outlast a few-minute run on CPU
-    cfg.train.max_steps = 100_000   # the time budget stops it first
-    cfg.train.eval_every = 100_000  # no mid-run validation: the table is the evaluation
-    cfg.train.save_every = 50        # an interrupted demo keeps its progress
-    cfg.train.log_every = 25
-    cfg.sample.seed = seed
-    return config.Config.from_dict(cfg.to_dict())
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def train_or_reuse(args, out: str) -> dict:
-    """Train (or continue an interrupted run) unless OUT holds a finished demo checkpoint."""
+def retrain(args, ck, task: str) -> str:
+    """Train the shipped model's recipe from scratch into args.out; returns the checkpoint path."""
     from fastdiss.cli import run_training
+    from fastdiss.config import Config
     from fastdiss.data import corpus
     from fastdiss.data.batching import encode_pairs
 
-    last, marker = os.path.join(out, "last.pt"), os.path.join(out, MARKER)
-    if os.path.isfile(last) and os.path.isfile(marker) and not args.retrain:
-        with open(marker) as f:
-            info = json.load(f)
-        budget = info.get("minutes_budget")
-        note = (f"; it was trained with a {budget:g}-min budget, pass --retrain to train with {args.minutes:g}"
-                if budget is not None and budget != args.minutes else "; pass --retrain to train again")
-        print(f"reusing {last} ({info.get('variant')}, {info.get('steps')} steps in "
-              f"{info.get('train_seconds', 0) / 60:.1f} min){note}")
-        return info
-    resume = os.path.isfile(last) and not args.retrain
-    cfg = demo_config(args.variant, args.seed, args.max_tokens)
-    tok = corpus.load_tokenizer(TASK)
-    train_enc = encode_pairs(corpus.load_pairs(TASK, "train"), tok, cfg.model.max_len)
+    prov = ck.extra.get("provenance", {})
+    cfg = Config.from_dict(ck.cfg.to_dict())
+    steps = args.train_steps or int(prov.get("train_steps", cfg.train.max_steps))
+    cfg.train.max_steps = steps
+    cfg.train.eval_every = cfg.train.save_every = max(1, min(500, steps))
+    tok = corpus.load_tokenizer(task)
+    train_enc = encode_pairs(corpus.load_pairs(task, "train"), tok, cfg.model.max_len)
+    valid_enc = encode_pairs(corpus.load_pairs(task, "valid"), tok, cfg.model.max_len)
+    per_step = prov.get("seconds_per_step")
+    eta = f"about {steps * per_step / 60:.0f} min at the shipped model's {per_step:.2f} s/step" if per_step else "unknown"
+    budget = f", stopping after {args.minutes:g} min" if args.minutes else ""
+    print(f"retraining from scratch: {steps} steps of the {prov.get('preset', 'tiny')} preset on {task} "
+          f"({len(train_enc)} pairs) into {args.out}/{task}; expected time {eta}{budget}", flush=True)
+    if prov.get("train_data", "").startswith("distilled"):
+        print("note: the shipped model trained on AR-distilled targets; this retrain uses the references "
+              "(distil first with `fastdiss distill` and train with `fastdiss train --train` to match it)")
+    out = os.path.join(args.out, task)
     os.makedirs(out, exist_ok=True)
-    if args.retrain:
-        for name in ("last.pt", "best.pt", MARKER, "train_log.jsonl"):
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-    m = cfg.model
-    print(f"training the small preset ({m.n_enc}+{m.n_dec} layers, d_model {m.d_model}, latent {m.d_latent}) on "
-          f"{TASK} ({len(train_enc)} pairs), variant {args.variant} (scp={cfg.diffusion.scp}, "
-          f"mans={cfg.diffusion.mans}), {args.minutes:g} min on {args.device}"
-          + (f", at most {args.max_steps} steps" if args.max_steps else "")
-          + (f"; continuing the unfinished run in {out}" if resume else ""))
-    start = time.perf_counter()
-    trainer, _ = run_training(cfg, train_enc, [], tok, out, "diffusion", resume=resume,
-                              max_steps=args.max_steps or cfg.train.max_steps, minutes=args.minutes,
-                              device=args.device, progress=not args.quiet)
-    info = {"variant": args.variant, "steps": trainer.step, "train_seconds": time.perf_counter() - start,
-            "minutes_budget": args.minutes, "seed": args.seed, "device": args.device}
-    _write_json(marker, info)
-    print(f"trained {trainer.step} steps in {info['train_seconds'] / 60:.1f} min -> {last}")
-    return info
+    last = os.path.join(out, "last.pt")
+    if os.path.exists(last):
+        os.remove(last)
+    run_training(cfg, train_enc, valid_enc, tok, out, "diffusion", max_steps=steps, minutes=args.minutes,
+                 device=args.device, progress=not args.quiet)
+    return last
 
 
 def run(args) -> int:
-    why = _model_available()
-    if why is not None:
-        from fastdiss.data.corpus import describe
-        print(describe(TASK))
-        print(f"\nthe model demo is not available in this build ({why}); showing the corpus only")
-        return 0
-    from fastdiss.cli import encode_sources, evaluate_rows, load_checkpoint, one_line
-    from fastdiss.data import corpus
+    import torch
 
-    out = os.path.join(args.out, args.variant)
-    info = train_or_reuse(args, out)
-    ck = load_checkpoint(os.path.join(out, "last.pt"), args.device)
-    ck.cfg.sample.max_len = min(MAX_GEN_LEN, ck.cfg.model.max_len)  # an undertrained length head may guess long
-    subset = test_subset(corpus.load_pairs(TASK, "test"), args.sentences, ck.tokenizer)
-    sources = encode_sources(ck.tokenizer, [s for s, _ in subset], int(ck.cfg.model.max_len))
-    refs = [t for _, t in subset]
-    print(f"sampling {len(subset)} fixed test sentences (John, sources of at most {MAX_SUBSET_TOKENS} tokens) "
-          f"with one candidate each (top predicted length, one noise draw), steps "
-          f"{', '.join(map(str, args.steps))} ...")
-    rows, sigs = evaluate_rows(ck, sources, refs, args.steps, device=args.device, length_beam=1, noise_draws=1,
-                               select="score", seed=args.seed)
-    print(format_table(rows, args.variant, info))
-    print(f"BLEU signature: {sigs['bleu']}")
-    by_steps = {r["steps"]: r for r in rows}
-    few = 4 if 4 in by_steps else rows[0]["steps"]
-    many = max(by_steps)
-    for i in (0, len(subset) // 2, len(subset) - 1)[:min(3, len(subset))]:
-        print(f"\nexample {i + 1}/{len(subset)}")
-        print(f"  source          : {subset[i][0]}")
-        print(f"  reference       : {subset[i][1]}")
-        print(f"  {few:>4} step{'s' if few > 1 else ' '}      : {one_line(by_steps[few]['hypotheses'][i])}")
-        if many != few:
-            print(f"  {many:>4} steps      : {one_line(by_steps[many]['hypotheses'][i])}")
+    from fastdiss.cli import CLIError
+
+    threads, why = choose_threads(args.threads)
+    torch.set_num_threads(threads)
+    print(f"fastdiss demo on {args.device}: {why}")
+    tasks = list(TASKS) if args.task == "all" else [args.task]
+    if (args.model or args.retrain) and len(tasks) > 1:
+        raise CLIError("--model and --retrain apply to one task: add --task elb2web or --task kjv2web")
+    records = [run_task(args, task, why) for task in tasks]
+    if args.save:
+        from pathlib import Path
+
+        from fastdiss.pretrained import _atomic_write
+        _atomic_write(Path(args.save), (json.dumps({"tasks": records}, indent=1) + "\n").encode())
     return 0
 
 
-def format_table(rows: list, variant: str, info: dict) -> str:
+def run_task(args, task: str, threads_note: str) -> dict:
+    from fastdiss import pretrained
+    from fastdiss.cli import encode_sources, evaluate_rows, load_checkpoint, one_line
+    from fastdiss.data import corpus
+    from fastdiss.metrics import bleu, chrf
+
+    device = args.device
+    model_name, ar_name = TASKS[task]
+    ck = load_checkpoint(args.model or str(pretrained.shipped_path(model_name)), device)
+    if args.retrain:
+        ck = load_checkpoint(retrain(args, ck, task), device)
+    prov = ck.extra.get("provenance", {})
+    print(f"\n=== {task}: {DESCRIPTIONS[task]} ===")
+    if prov:
+        print(f"model: {ck.path} ({prov.get('preset', '?')} preset, {prov.get('params', 0) / 1e6:.1f} M parameters, "
+              f"{prov.get('train_steps', '?')} training steps, {prov.get('train_hours', 0):.2f} h on "
+              f"{prov.get('machine', {}).get('cpu', '?') if isinstance(prov.get('machine'), dict) else prov.get('machine')}"
+              f"; trained on {prov.get('train_data', '?')})")
+    pairs = test_subset(corpus.load_pairs(task, "test"), args.sentences, ck.tokenizer)
+    refs = [t for _, t in pairs]
+    sources = encode_sources(ck.tokenizer, [s for s, _ in pairs], int(ck.cfg.model.max_len))
+    print(f"translating {len(pairs)} fixed test sentences (John) with one candidate each "
+          f"(top predicted length, one noise draw), K = {', '.join(map(str, args.steps))} ...", flush=True)
+    rows, sigs = evaluate_rows(ck, sources, refs, args.steps, device=device, length_beam=1, noise_draws=1,
+                               select="score", seed=args.seed)
+    ar_row = None
+    ar_path = pretrained.shipped_path(ar_name)
+    if not args.no_ar and args.model is None and ar_path.is_dir():
+        ar = load_checkpoint(str(ar_path), device)
+        ar_row = evaluate_rows(ar, encode_sources(ar.tokenizer, [s for s, _ in pairs], int(ar.cfg.model.max_len)),
+                               refs, [1], device=device)[0][0]
+    identity = {"bleu": bleu([s for s, _ in pairs], refs)[0], "chrf": chrf([s for s, _ in pairs], refs)[0]}
+
+    by_steps = {r["steps"]: r for r in rows}
+    few, many = (4 if 4 in by_steps else min(by_steps)), max(by_steps)
+    shown = sorted({1, few, many} & set(by_steps))
+    n_ex = max(0, min(args.examples, len(pairs)))
+    for i in [int(j * len(pairs) / n_ex) for j in range(n_ex)] if n_ex else []:
+        print(f"\nexample {i + 1}/{len(pairs)}")
+        print(f"  source       : {pairs[i][0]}")
+        print(f"  reference    : {pairs[i][1]}")
+        for k in shown:
+            print(f"  K = {k:<4}     : {one_line(by_steps[k]['hypotheses'][i])}")
+        if ar_row is not None:
+            print(f"  AR greedy    : {one_line(ar_row['hypotheses'][i])}")
+    table = format_table(task, rows, ar_row, identity, len(pairs))
+    print(table)
+    print(f"BLEU signature: {sigs['bleu']}")
+    return make_record(task, rows, ar_row, identity, pairs, ck, threads_note, table, sigs)
+
+
+DESCRIPTIONS = {"elb2web": "German (Elberfelder 1932) -> English (World English Bible), the real translation task",
+                "kjv2web": "King James English -> modern English (WEB); close to a copy task, read it against the identity row"}
+
+
+def make_record(task, rows, ar_row, identity, pairs, ck, threads_note, table, sigs) -> dict:
+    import platform
+
+    import torch
+    strip = lambda r: {k: v for k, v in r.items() if k != "hypotheses"}   # noqa: E731
+    return {"task": task, "sentences": len(pairs), "model": ck.path, "provenance": ck.extra.get("provenance", {}),
+            "rows": [strip(r) for r in rows], "ar": strip(ar_row) if ar_row else None, "identity": identity,
+            "examples": [{"source": s, "reference": t, **{f"K{r['steps']}": r["hypotheses"][i] for r in rows},
+                          **({"ar": ar_row["hypotheses"][i]} if ar_row else {})}
+                         for i, (s, t) in enumerate(pairs[:5])],
+            "table": table, "signatures": sigs, "threads": threads_note,
+            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                        "torch": torch.__version__, "python": platform.python_version()}}
+
+
+def format_table(task: str, rows: list, ar_row: dict | None, identity: dict, n: int) -> str:
     base = max(rows, key=lambda r: r["steps"])
-    lines = [f"\nkjv2web test subset ({len(rows[0]['hypotheses'])} sentences), small preset, {variant}, "
-             f"training steps: {info.get('steps')}",
-             f"{'steps':>6} {'BLEU':>7} {'chrF':>7} {'ms/sentence':>12} {'speed-up vs ' + str(base['steps']):>18}",
-             f"{'-' * 6} {'-' * 7} {'-' * 7} {'-' * 12} {'-' * 18}"]
+    lines = [f"\n{task} test subset ({n} sentences), one candidate per sentence",
+             f"{'decoder':>16} {'BLEU':>6} {'chrF':>6} {'ms/sentence':>12} {'speed-up vs K=' + str(base['steps']):>18}",
+             f"{'-' * 16} {'-' * 6} {'-' * 6} {'-' * 12} {'-' * 18}"]
+
+    def line(name, r):
+        ms = r.get("latency_ms_per_sentence")
+        speed = f"{base['latency_ms_per_sentence'] / max(ms, 1e-9):17.1f}x" if ms else f"{'-':>18}"
+        lines.append(f"{name:>16} {r['bleu']:6.2f} {r['chrf']:6.2f} {(f'{ms:12.2f}' if ms else f'{chr(45):>12}')} {speed}")
     for r in rows:
-        speed = base["latency_ms_per_sentence"] / max(r["latency_ms_per_sentence"], 1e-9)
-        lines.append(f"{r['steps']:>6} {r['bleu']:7.2f} {r['chrf']:7.2f} {r['latency_ms_per_sentence']:12.2f} "
-                     f"{speed:17.1f}x")
+        line(f"diffusion K={r['steps']}", r)
+    if ar_row is not None:
+        line("AR greedy", ar_row)
+    line("identity (copy)", identity)
     return "\n".join(lines)
 
 

@@ -59,6 +59,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)   # mkstemp makes 0600; shipped files are read by everyone
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -104,11 +104,18 @@ def test_length_beam_noise_draws_and_selection():
             assert res.ids[i] in cands
             if select == "score":
                 assert res.ids[i] == cands[int(res.scores[i].argmax())]
-    from fastdiss.sampling import _mbr_select
+    # MBR expected choice computed here with sacrebleu directly (not the sampler's helper): the candidate
+    # with the highest mean sentence-BLEU against the others, ties to the lowest index
+    import sacrebleu
     res = s.generate(src, src_mask, 2, select="mbr", seed=1)
+    expected = []
     for i in range(3):
         strs = [" ".join(map(str, c)) for c in res.candidates[i]]
-        assert res.ids[i] == res.candidates[i][_mbr_select(strs)]
+        mean = [sum(sacrebleu.sentence_bleu(h, [r]).score for j, r in enumerate(strs) if j != k) / (len(strs) - 1)
+                for k, h in enumerate(strs)]
+        expected.append(min(k for k, m in enumerate(mean) if m >= max(mean) - 1e-9))
+        assert res.ids[i] == res.candidates[i][expected[i]], (i, mean)
+    assert any(e != 0 for e in expected)  # the inputs tell MBR apart from "take the first candidate"
 
 
 def test_oracle_lengths_and_length_cap():
