@@ -222,3 +222,12 @@ def test_self_cond_projection_bad_inputs():
     m = fnn.SelfCondProjection(8, 4)
     with pytest.raises(ValueError, match="sc must be a tensor of shape"):
         m(torch.randn(2, 8), torch.randn(2, 7))
+
+
+def test_import_fastdiss_exposes_nn_and_functional_like_torch():
+    import subprocess
+    import sys
+    code = "import fastdiss; print(fastdiss.nn.MultiheadAttention.__name__, fastdiss.functional.attention.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["MultiheadAttention", "attention"]
