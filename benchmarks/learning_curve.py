@@ -91,7 +91,7 @@ def reeval(args) -> dict:
     run_dir = Path(args.run_dir) / args.name
     result = common.read_json(run_dir / "result.json")
     sample_over = quality.parse_overrides(args.set).get("sample", {})
-    d = result["config"]
+    d = json.loads(json.dumps(result["config"]))   # a copy: the run's own config stays as it trained
     d["sample"].update(sample_over)
     cfg = Config.from_dict(d)
     data = quality.load_task(result["task"], cfg.model.max_len, args.test_sentences, 0, Path(args.run_dir), False)
@@ -252,8 +252,10 @@ def curve_table(merged: dict) -> str:
             for e in finals:
                 cells = {(f["steps"], f.get("time_shift") == 0.0): f for f in e["final"]}
                 grid = lambda f: "" if f.get("spacing") == e["final"][0].get("spacing") else f" ({f['spacing']} grid)"  # noqa: E731
-                row = [_ms(cells[(k, False)]["bleu"]) + grid(cells[(k, False)]) if (k, False) in cells else "-" for k in ks]
-                row.append(_ms(cells[(4, True)]["bleu"]) if (4, True) in cells else "-")
+                shifted = any(not t for (_, t) in cells)   # the variant samples with condition-enhanced time
+                cell = lambda k: cells.get((k, False)) if shifted else cells.get((k, True))  # noqa: E731
+                row = [_ms(cell(k)["bleu"]) + grid(cell(k)) if cell(k) else "-" for k in ks]
+                row.append(_ms(cells[(4, True)]["bleu"]) if shifted and (4, True) in cells else "(its K=4)")
                 out.append(f"| {e['variant']} | " + " | ".join(row) + " |")
         out.append("")
     return "\n".join(out)

@@ -326,27 +326,24 @@ def test_train_stops_at_the_time_budget(capsys, data_dir, tmp_path):
 
 # ---- demo --------------------------------------------------------------------------------------
 
-def test_demo_falls_back_to_the_corpus_without_the_model(capsys, monkeypatch):
-    from fastdiss import demo
-    monkeypatch.setattr(demo, "_model_available", lambda: "No module named 'fastdiss.model'")
-    rc, out, _ = _run(capsys, "demo")
-    assert rc == 0
-    assert "task kjv2web" in out and "model demo is not available" in out
-
-
-def test_demo_reuses_a_finished_checkpoint_and_prints_the_table(capsys, diffusion_ckpt, tmp_path):
-    import shutil
-    run = tmp_path / "demo" / "scp-mans"
-    run.mkdir(parents=True)
-    shutil.copy(diffusion_ckpt, run / "last.pt")
-    (run / "demo.json").write_text(json.dumps({"variant": "scp-mans", "steps": 2, "train_seconds": 1.0}))
-    rc, out, err = _run(capsys, "demo", "--out", str(tmp_path / "demo"), "--sentences", "3", "--steps", "1,2,8")
+def test_demo_shows_the_shipped_models_with_ar_and_identity_rows(capsys, tmp_path):
+    save = tmp_path / "demo.json"
+    rc, out, err = _run(capsys, "demo", "--task", "kjv2web", "--sentences", "3", "--steps", "1,2,8", "--examples", "1",
+                        "--save", str(save))
     assert rc == 0, err
-    assert "reusing" in out
-    table = [x.split() for x in out.splitlines() if x.strip() and x.split()[0] in ("1", "2", "8")][:3]
-    assert [r[0] for r in table] == ["1", "2", "8"]
-    assert table[-1][-1] == "1.0x"  # the most-steps row is the speed-up baseline
-    assert out.count("reference       :") == 3
+    assert out.splitlines()[0].startswith("fastdiss demo on cpu:") and "torch thread" in out.splitlines()[0]
+    rows = [x.split() for x in out.splitlines() if x.strip().startswith(("diffusion K=", "AR greedy", "identity"))]
+    assert [r[1] if r[0] == "diffusion" else r[0] for r in rows] == ["K=1", "K=2", "K=8", "AR", "identity"]
+    assert rows[2][-1] == "1.0x"    # the most-steps row is the speed-up baseline
+    rec = json.loads(save.read_text())["tasks"][0]
+    assert rec["task"] == "kjv2web" and rec["sentences"] == 3 and rec["ar"] is not None
+    assert [r["steps"] for r in rec["rows"]] == [1, 2, 8]
+    assert out.count("reference    :") == 1
+
+
+def test_demo_model_needs_one_task(capsys, diffusion_ckpt):
+    rc, _, err = _run(capsys, "demo", "--model", str(diffusion_ckpt))
+    _assert_one_line_error(rc, err, "--task")
 
 
 def test_export_errors_are_one_line(capsys, ar_ckpt, tmp_path):
