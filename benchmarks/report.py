@@ -370,7 +370,7 @@ def shipped_model_block(results_dir: Path) -> str:
         rows.append(f"| `{folder.parent.name}` | {p['kind']} | {p['preset']} | {p['params'] / 1e6:.1f} M | "
                     f"{p['train_steps']} | {p['train_hours']:.2f} | {p['train_data']} | "
                     f"{p['valid_bleu']:.2f} ({p['valid_bleu_setting']}) |")
-    return "\n".join(rows) + "\n"
+    return "\n".join(rows) + "\n\nSource: `fastdiss/pretrained/*/provenance.json`.\n"
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -12,7 +12,9 @@ kill at any moment leaves either the old file or the new one, never a torn one.
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +22,7 @@ import torch
 from fastdiss.config import Config
 
 FORMAT = "fastdiss-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: the learning recipe (source copy, length offsets, fixed z0 norm) changed the model
 KINDS = ("diffusion", "ar")
 
 
@@ -70,13 +72,23 @@ def _cpu_state(module_or_state):
 
 def atomic_torch_save(obj, path: str) -> None:
     """torch.save to a temporary file next to `path`, flush + fsync, then os.replace."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_bytes(data: bytes, path: str) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write(path: str, write) -> None:
+    """write(file) into a temporary file next to `path` (named PATH.XXXXXX.tmp), flush + fsync, then
+    os.replace: readers see the old file or the new one, never a torn one."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -146,22 +158,60 @@ def _load_tokenizer(s):
     return Tokenizer.from_json_str(s)
 
 
+REPLACE_HINT = "replace it with a good copy (copy or download it again) or retrain it with `fastdiss train`"
+
+
+def _damage(path: str) -> str | None:
+    """What is wrong with the bytes of a checkpoint file, in our words, or None when the zip archive
+    is intact. torch.save writes a zip archive whose members carry CRC-32 checksums, so a torn, cut
+    or bit-flipped file is found here before (and even when) torch.load would accept it."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or type(e).__name__})"
+    if size == 0:
+        return "is empty (0 bytes)"
+    if not zipfile.is_zipfile(path):
+        if head == b"PK\x03\x04":  # starts like a zip archive but its directory at the end is gone
+            return f"is truncated ({size} bytes; the archive stops before its end, e.g. a cut copy or download)"
+        return "is not a fastdiss checkpoint (its bytes are not a PyTorch zip archive: random data or another format)"
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
+        return "is corrupted (its zip archive cannot be read)"
+    if bad is not None:
+        return f"is corrupted (member {bad!r} fails its CRC-32 checksum)"
+    return None
+
+
 def read_payload(path, map_location="cpu") -> dict:
-    """torch.load(weights_only=True) with every failure turned into a ValueError naming the file."""
+    """torch.load(weights_only=True) with every failure turned into one ValueError in our words: the
+    file, the problem and the fix. torch's own text is never shown: for a file it refuses it advises
+    loading with weights_only=False, which would run code from an untrusted file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle, non-tensor objects, ...
-        raise ValueError(f"checkpoint {path!r} is truncated, corrupted or not a fastdiss checkpoint "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    problem = _damage(path)
+    if problem is None:
+        try:
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            problem = ("holds Python objects other than tensors, numbers, strings, lists and dicts; fastdiss "
+                       "never writes those and does not load them (unpickling them could run code from the file)")
+        except Exception:  # noqa: BLE001 (a damaged archive found by torch rather than by the CRC check)
+            problem = "is corrupted or not a fastdiss checkpoint (torch cannot read its contents)"
+    if problem is not None:
+        raise ValueError(f"checkpoint {path!r} {problem}; {REPLACE_HINT}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"checkpoint {path!r} is not a fastdiss checkpoint (no '{FORMAT}' header)")
     version = payload.get("version")
     if version != FORMAT_VERSION:
         raise ValueError(f"checkpoint {path!r} has format version {version!r}; this fastdiss reads version "
-                         f"{FORMAT_VERSION}")
+                         f"{FORMAT_VERSION}: retrain it with this version (fastdiss train), or load it with the "
+                         f"fastdiss release that wrote it")
     missing = [k for k in ("kind", "config", "model_args", "model") if k not in payload]
     if missing:
         raise ValueError(f"checkpoint {path!r} lacks the entries {missing}")

@@ -8,9 +8,11 @@ with --strict-length).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import random
 import sys
 import time
 import warnings
@@ -19,7 +21,7 @@ EXIT_USAGE = 2
 
 EPILOG_MAIN = """\
 examples:
-  fastdiss demo                                   # train the small model on kjv2web for a few minutes, print a table
+  fastdiss demo                                   # the shipped German->English model: examples + table
   fastdiss train --task kjv2web --preset small --out runs/kjv2web --minutes 30
   fastdiss train --train my.tsv --valid my_valid.tsv --preset base --out runs/mine
   echo "And God said, Let there be light" | fastdiss generate --ckpt runs/kjv2web/last.pt --steps 4
@@ -87,6 +89,19 @@ def _int_list(text: str) -> list[int]:
     if not parts or any(not p for p in parts):
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of positive integers, got {text!r}")
     return [_positive_int(p) for p in parts]
+
+
+def _step_count(text: str) -> int:
+    """A positive number of sampling steps, at most fastdiss.longjobs.MAX_STEPS."""
+    from fastdiss.longjobs import check_steps
+    try:
+        return check_steps(_positive_int(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _step_list(text: str) -> list[int]:
+    return [_step_count(str(k)) for k in _int_list(text)]
 
 
 def _device(text: str) -> str:
@@ -162,11 +177,23 @@ def read_lines(path: str) -> list[str]:
 
 def read_pairs_or_fail(path: str) -> list[tuple[str, str]]:
     """All pairs of a user TSV / parallel-file set, with loader errors turned into one-line CLI errors."""
+    import gzip
+    import zlib
+
     from fastdiss.data.loader import DataError, read_pairs
+    gz_fix = "compress it again (gzip FILE) or give the uncompressed file"
     try:
         pairs = list(read_pairs(path))
     except DataError as e:
         raise CLIError(str(e)) from None
+    except gzip.BadGzipFile as e:   # a .gz name on other bytes, or a damaged checksum
+        what = "is not a gzip file" if "Not a gzipped file" in str(e) else "is a damaged gzip file (checksum)"
+        raise CLIError(f"{path}: {what}; {gz_fix}") from None
+    except EOFError:   # gzip stream cut short (an interrupted copy or download)
+        raise CLIError(f"{path}: the gzip file is cut short (it ends before its end-of-stream marker); "
+                       f"{gz_fix}") from None
+    except zlib.error:
+        raise CLIError(f"{path}: the gzip file is damaged (its compressed data cannot be decoded); {gz_fix}") from None
     except OSError as e:
         raise _os_error(path, e) from None
     if not pairs:
@@ -174,8 +201,15 @@ def read_pairs_or_fail(path: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def load_checkpoint(path: str, device: str = "cpu"):
-    from fastdiss import checkpoint
+def load_checkpoint(path: str | None, device: str = "cpu"):
+    """A checkpoint file, a shipped-model folder (model.safetensors + config.json), or with no path
+    the model shipped with fastdiss (fastdiss.pretrained.DEFAULT_MODEL)."""
+    from fastdiss import checkpoint, pretrained
+    if path is None or (os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))):
+        try:
+            return pretrained.load_pretrained(path, device)
+        except pretrained.PretrainedError as e:
+            raise CLIError(str(e)) from None
     if not os.path.exists(path):
         raise CLIError(f"{path}: checkpoint not found")
     if os.path.isdir(path):
@@ -217,9 +251,10 @@ def _sync(device: str) -> None:
 
 def run_generation(ck, sources: list[list[int]], *, device: str = "cpu", steps: int | None = None, beam: int = 1,
                    length_beam: int | None = None, noise_draws: int | None = None, select: str | None = None,
-                   batch_size: int = 64, seed: int | None = None) -> dict:
+                   batch_size: int = 64, seed: int | None = None, progress=None) -> dict:
     """Generate for encoded sources with a loaded checkpoint (diffusion: `steps` DDIM steps; AR:
-    greedy/beam search). Returns ids, single-candidate ids, seconds and calls per sentence."""
+    greedy/beam search). Returns ids, single-candidate ids, seconds and calls per sentence.
+    progress: a fastdiss.longjobs.JobProgress (its bar), closed at the end."""
     import torch
     model = ck.model.to(device).eval()
     _sync(device)
@@ -228,8 +263,17 @@ def run_generation(ck, sources: list[list[int]], *, device: str = "cpu", steps: 
         from fastdiss.sampling import Sampler
         kwargs = {k: v for k, v in (("length_beam", length_beam), ("noise_draws", noise_draws),
                                     ("select", select), ("seed", seed)) if v is not None}
-        res = Sampler(model, ck.cfg.sample, ck.cfg.diffusion).translate(sources, steps, batch_size=batch_size,
-                                                                         device=device, **kwargs)
+        sampler = Sampler(model, ck.cfg.sample, ck.cfg.diffusion)
+        if progress is not None:
+            sampler.on_step = progress.on_step
+        try:
+            res = sampler.translate(sources, steps, batch_size=batch_size, device=device, **kwargs)
+        except BaseException:
+            if progress is not None:
+                progress.close(done=False)
+            raise
+        if progress is not None:
+            progress.close()
         ids, single, calls = res.ids, res.single_ids, res.calls_per_sentence
     else:
         from fastdiss.sampling import pad_batch
@@ -241,6 +285,10 @@ def run_generation(ck, sources: list[list[int]], *, device: str = "cpu", steps: 
                 src, mask = pad_batch([sources[i] for i in idx], model.pad_id, device)
                 for i, out in zip(idx, model.generate(src, mask, beam=beam)):
                     ids[i] = out
+                if progress is not None:
+                    progress.on_batch(len(idx))
+        if progress is not None:
+            progress.close()
         single, calls = ids, None
     _sync(device)
     seconds = time.perf_counter() - start
@@ -255,11 +303,18 @@ class _TimeUp(Exception):
     pass
 
 
-def run_training(cfg, train_enc, valid_enc, tokenizer, out_dir: str, kind: str = "diffusion", *,
-                 resume: bool = False, max_steps: int | None = None, minutes: float | None = None,
-                 device: str = "cpu", progress: bool = True):
+def run_training(cfg, train_enc, valid_enc, tokenizer, out_dir: str, kind: str = "diffusion", **kwargs):
     """fastdiss.train's Trainer, stopped at max_steps or when `minutes` of wall clock are spent
-    (then validated and saved like a normal end of training). Returns (trainer, stopped_by_time)."""
+    (then validated and saved like a normal end of training). Returns (trainer, stopped_by_time).
+    Holds out_dir's training lock (fastdiss.runlock): a second training into it is refused."""
+    from fastdiss import runlock
+    with runlock.hold_if_rank0(out_dir):
+        return _run_training(cfg, train_enc, valid_enc, tokenizer, out_dir, kind, **kwargs)
+
+
+def _run_training(cfg, train_enc, valid_enc, tokenizer, out_dir: str, kind: str = "diffusion", *,
+                  resume: bool = False, max_steps: int | None = None, minutes: float | None = None,
+                  device: str = "cpu", progress: bool = True):
     import torch
 
     from fastdiss import train as T
@@ -278,6 +333,7 @@ def run_training(cfg, train_enc, valid_enc, tokenizer, out_dir: str, kind: str =
 
     T.setup_distributed()
     torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)   # saved in last.pt: a fresh run's state must not depend on the process
     model = T.build_model(cfg, tokenizer, kind)
     trainer = BudgetTrainer(cfg, model, kind=kind, tokenizer=tokenizer, out_dir=out_dir, device=device,
                             progress=progress)
@@ -287,6 +343,8 @@ def run_training(cfg, train_enc, valid_enc, tokenizer, out_dir: str, kind: str =
             trainer.resume(last)
         except (ValueError, FileNotFoundError) as e:
             raise CLIError(str(e)) from None
+    elif trainer.rank == 0:   # a fresh run: no records of an earlier run killed before its first save
+        T.trim_log(os.path.join(out_dir, "train_log.jsonl"), 0)
     if minutes is not None:
         trainer.deadline = time.monotonic() + 60.0 * minutes
     try:
@@ -310,6 +368,36 @@ def run_training(cfg, train_enc, valid_enc, tokenizer, out_dir: str, kind: str =
 # ---------------------------------------------------------------------------------------------
 
 def cmd_train(args) -> int:
+    """Holds OUT's training lock for the whole command, before OUT is looked at: a second training
+    into the same folder is refused (exit 2) instead of racing on last.pt. The lock dies with its
+    process, so a killed run never blocks the next one; what the killed run was writing is removed."""
+    from fastdiss import runlock
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out}: is a file, expected a folder for checkpoints and logs")
+    if args.resume and not os.path.isdir(args.out):
+        return _train(args)   # fails with "nothing to resume" without creating the folder
+    created = not os.path.exists(args.out)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(runlock.hold_if_rank0(args.out))
+        except runlock.RunDirBusy as e:
+            raise CLIError(str(e)) from None
+        except OSError as e:
+            raise CLIError(f"--out {args.out}: cannot create or lock the folder ({e.strerror or e})") from None
+        if runlock.is_rank0():
+            removed = runlock.remove_leftovers(args.out)
+            if removed:
+                print(f"removed {len(removed)} temporary file(s) that a killed run left in {args.out}: "
+                      f"{', '.join(removed)}", file=sys.stderr)
+        try:
+            return _train(args)
+        except BaseException:
+            if created and runlock.is_rank0():   # e.g. bad data: no empty folder left behind
+                runlock.discard_if_unused(args.out)
+            raise
+
+
+def _train(args) -> int:
     from fastdiss import checkpoint, config
     from fastdiss.data.batching import encode_pairs
 
@@ -368,7 +456,10 @@ def cmd_train(args) -> int:
             from fastdiss.data.tokenizer import Tokenizer
             print(f"training a {args.vocab_size}-id byte-level BPE tokenizer on {len(train_pairs)} pairs",
                   file=sys.stderr)
-            tokenizer = Tokenizer.train([x for p in train_pairs for x in p], vocab_size=args.vocab_size)
+            try:
+                tokenizer = Tokenizer.train([x for p in train_pairs for x in p], vocab_size=args.vocab_size)
+            except ValueError as e:   # e.g. --vocab-size below the 256 bytes + specials
+                raise CLIError(f"--vocab-size {args.vocab_size}: {e}") from None
         data_name = args.train
     else:
         from fastdiss.data import corpus
@@ -422,12 +513,21 @@ def _read_run_info(out_dir: str) -> dict:
 
 def cmd_generate(args) -> int:
     lines = read_lines(args.input)  # input errors first: they are cheaper to find than a model load
+    if args.output not in (None, "-"):   # found now, not after a long generation
+        folder = os.path.dirname(os.path.abspath(args.output))
+        if os.path.isdir(args.output):
+            raise CLIError(f"-o {args.output}: is a directory, expected a file name")
+        if not os.path.isdir(folder):
+            raise CLIError(f"-o {args.output}: the folder {folder} does not exist")
     ck = load_checkpoint(args.ckpt, args.device)
     max_len = _max_input_len(args, ck)
     sources = encode_sources(ck.tokenizer, lines, max_len, strict=args.strict_length)
+    steps = args.steps or ck.cfg.sample.steps
+    plan = _long_job_plan(args, ck, sources, [steps], "generate")
     res = run_generation(ck, sources, device=args.device, steps=args.steps, beam=args.beam,
                          length_beam=args.length_beam, noise_draws=args.noise_draws, select=args.select,
-                         batch_size=args.batch_size, seed=args.seed)
+                         batch_size=args.batch_size, seed=args.seed,
+                         progress=plan.job("generate", len(sources), steps))
     out = sys.stdout if args.output in (None, "-") else None
     texts = [ck.tokenizer.decode(ids) for ids in res["ids"]]
     text = "".join(one_line(t) + "\n" for t in texts)
@@ -487,7 +587,8 @@ def _evaluation_data(args):
         srcs, refs, what = [s for s, _ in pairs], [t for _, t in pairs], args.data
     else:
         from fastdiss.data import corpus
-        task = args.task or corpus.DEFAULT_TASK
+        # the shipped model translates elb2web (German -> English): its task is the default without --ckpt
+        task = args.task or (corpus.DEFAULT_TASK if args.ckpt else "elb2web")
         pairs = corpus.load_pairs(task, args.split)
         srcs, refs, what = [s for s, _ in pairs], [t for _, t in pairs], f"{task}/{args.split}"
     if args.limit:
@@ -495,9 +596,23 @@ def _evaluation_data(args):
     return srcs, refs, what
 
 
+def _long_job_plan(args, ck, sources, step_counts, command):
+    """fastdiss.longjobs.plan for a generate / evaluate command: warn above the usual step counts,
+    estimate the time of a long job (a probe of 3 steps) and say whether to show a progress bar."""
+    from fastdiss import longjobs
+    from fastdiss.sampling import Sampler
+    kwargs = {k: v for k, v in (("length_beam", args.length_beam), ("noise_draws", args.noise_draws),
+                                ("select", args.select), ("seed", args.seed)) if v is not None}
+    return longjobs.plan(ck, sources, step_counts if ck.kind == "diffusion" else None, batch_size=args.batch_size,
+                         device=args.device, quiet=args.quiet, command=command, gen_kwargs=kwargs, warn=warn,
+                         make_sampler=lambda: Sampler(ck.model.to(args.device).eval(), ck.cfg.sample,
+                                                      ck.cfg.diffusion))
+
+
 def evaluate_rows(ck, srcs_ids, refs, settings, *, device, batch_size=64, length_beam=None, noise_draws=None,
-                  select=None, seed=None):
-    """One row per setting (diffusion: steps; AR: beam size): BLEU, chrF, latency, cost."""
+                  select=None, seed=None, plan=None):
+    """One row per setting (diffusion: steps; AR: beam size): BLEU, chrF, latency, cost. plan: a
+    fastdiss.longjobs.Plan whose progress bar each row shows."""
     from fastdiss.metrics import bleu, chrf
     rows, sigs = [], {}
     # Warm-up (first calls allocate, pick kernels, fill caches): keeps it out of the first row's latency.
@@ -507,11 +622,14 @@ def evaluate_rows(ck, srcs_ids, refs, settings, *, device, batch_size=64, length
     else:
         run_generation(ck, warm, device=device, beam=1, batch_size=batch_size)
     for value in settings:
+        key = "steps" if ck.kind == "diffusion" else "beam"
+        progress = plan.job(f"{key}={value}", len(srcs_ids), value) if plan is not None else None
         if ck.kind == "diffusion":
             res = run_generation(ck, srcs_ids, device=device, steps=value, length_beam=length_beam,
-                                 noise_draws=noise_draws, select=select, batch_size=batch_size, seed=seed)
+                                 noise_draws=noise_draws, select=select, batch_size=batch_size, seed=seed,
+                                 progress=progress)
         else:
-            res = run_generation(ck, srcs_ids, device=device, beam=value, batch_size=batch_size)
+            res = run_generation(ck, srcs_ids, device=device, beam=value, batch_size=batch_size, progress=progress)
         hyps = [ck.tokenizer.decode(x) for x in res["ids"]]
         b, sigs["bleu"] = bleu(hyps, refs)
         c, sigs["chrf"] = chrf(hyps, refs)
@@ -532,17 +650,18 @@ def cmd_evaluate(args) -> int:
         settings = args.steps or [ck.cfg.sample.steps]
     else:
         settings = args.beam or [1]
+    plan = _long_job_plan(args, ck, sources, settings, "evaluate")
     rows, sigs = evaluate_rows(ck, sources, refs, settings, device=args.device, batch_size=args.batch_size,
                                length_beam=args.length_beam, noise_draws=args.noise_draws, select=args.select,
-                               seed=args.seed)
+                               seed=args.seed, plan=plan)
     if args.json:
-        report = {"checkpoint": args.ckpt, "kind": ck.kind, "data": what, "sentences": len(refs),
+        report = {"checkpoint": args.ckpt or ck.path, "kind": ck.kind, "data": what, "sentences": len(refs),
                   "device": args.device, "bleu_signature": sigs["bleu"], "chrf_signature": sigs["chrf"],
                   "results": [{k: v for k, v in r.items() if k != "hypotheses"} for r in rows]}
         print(json.dumps(report, indent=1))
         return 0
     key = "steps" if ck.kind == "diffusion" else "beam"
-    print(f"{ck.kind} model {args.ckpt} on {what} ({len(refs)} sentences, device {args.device})")
+    print(f"{ck.kind} model {args.ckpt or ck.path} on {what} ({len(refs)} sentences, device {args.device})")
     single = any("bleu_single" in r for r in rows)
     head = f"{key:>6} {'BLEU':>7} {'chrF':>7} {'ms/sent':>9}"
     head += f" {'calls/sent':>10}" if ck.kind == "diffusion" else ""
@@ -563,6 +682,31 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from fastdiss import demo
     return demo.run(args)
+
+
+def cmd_distill(args) -> int:
+    from fastdiss import distill
+
+    ck = load_checkpoint(args.ckpt, args.device)
+    if ck.kind != "ar":
+        raise CLIError(f"{args.ckpt}: the teacher must be an autoregressive checkpoint (fastdiss train --kind ar), "
+                       f"not a {ck.kind!r} one")
+    if args.data:
+        pairs = read_pairs_or_fail(args.data)
+    else:
+        from fastdiss.data import corpus
+        pairs = corpus.load_pairs(args.task or corpus.DEFAULT_TASK, args.split)
+    if args.limit:
+        pairs = pairs[:args.limit]
+    out, kept = distill.distill_pairs(ck.model, ck.tokenizer, pairs, beam=args.beam, batch_size=args.batch_size,
+                                      device=args.device, progress=not args.quiet)
+    try:
+        distill.write_tsv(out, args.out)
+    except OSError as e:
+        raise _os_error(args.out, e) from None
+    note = f" ({kept} longer than the teacher's max_len kept their reference)" if kept else ""
+    print(f"wrote {len(out)} distilled pairs to {args.out}{note}", file=sys.stderr)
+    return 0
 
 
 def cmd_env(args) -> int:
@@ -597,15 +741,18 @@ def _add_device(p):
 
 def _add_sampling(p, steps_list: bool):
     if steps_list:
-        p.add_argument("--steps", type=_int_list, default=None, metavar="K[,K...]",
+        p.add_argument("--steps", type=_step_list, default=None, metavar="K[,K...]",
                        help="diffusion sampling steps, e.g. 1,2,4,8 (one result row each; default: the "
-                            "checkpoint's sample.steps)")
+                            "checkpoint's sample.steps; at most 10000, a warning above 1000)")
         p.add_argument("--beam", type=_int_list, default=None, metavar="B[,B...]",
                        help="AR models: beam sizes, one row each (default 1 = greedy)")
     else:
-        p.add_argument("--steps", type=_positive_int, default=None, metavar="K",
-                       help="diffusion sampling steps (default: the checkpoint's sample.steps)")
+        p.add_argument("--steps", type=_step_count, default=None, metavar="K",
+                       help="diffusion sampling steps (default: the checkpoint's sample.steps; at most 10000, "
+                            "a warning above 1000)")
         p.add_argument("--beam", type=_positive_int, default=1, help="AR models: beam size (1 = greedy)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no time estimate and no progress bar (shown for long jobs: many steps or sentences)")
     p.add_argument("--length-beam", type=_positive_int, default=None, metavar="B",
                    help="diffusion: candidates from the top-B predicted lengths (default: checkpoint setting)")
     p.add_argument("--noise-draws", type=_positive_int, default=None, metavar="N",
@@ -681,7 +828,8 @@ def build_parser() -> argparse.ArgumentParser:
   fastdiss generate --ckpt runs/ar/last.pt input.txt --beam 5        # an AR checkpoint
 """)
     p.add_argument("input", nargs="?", default="-", help="input file, one sentence per line ('-' or absent: stdin)")
-    p.add_argument("--ckpt", required=True, help="checkpoint file (diffusion or AR)")
+    p.add_argument("--ckpt", default=None, help="checkpoint file or shipped-model folder (diffusion or AR; "
+                   "default: the shipped elb2web German->English model)")
     p.add_argument("-o", "--output", default=None, help="write here (atomically) instead of stdout")
     _add_sampling(p, steps_list=False)
     _add_device(p)
@@ -697,7 +845,8 @@ def build_parser() -> argparse.ArgumentParser:
   fastdiss evaluate --ckpt model.pt --data test.tsv --steps 2,4 --length-beam 3 --noise-draws 2
   fastdiss evaluate --ckpt runs/ar/last.pt --task kjv2web --beam 1,5
 """)
-    p.add_argument("--ckpt", required=True, help="checkpoint file (diffusion or AR)")
+    p.add_argument("--ckpt", default=None, help="checkpoint file or shipped-model folder (diffusion or AR; "
+                   "default: the shipped elb2web German->English model)")
     p.add_argument("--task", choices=_tasks(), default=None, help="embedded corpus (default kjv2web)")
     p.add_argument("--split", choices=("train", "valid", "test"), default="test", help="split of --task (default test)")
     p.add_argument("--src", help="source sentences, one per line")
@@ -710,18 +859,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     # demo
-    p = sub.add_parser("demo", help="train the small model on kjv2web for a few minutes and print a table",
-                       formatter_class=raw, description="The CPU demo (`make demo`): trains the small preset "
-                       "on kjv2web (or reuses OUT/<variant>/last.pt), then prints BLEU, latency and speed-up "
-                       "for 1, 2, 4, 8, 16 and 1000 sampling steps on a fixed test subset.",
+    p = sub.add_parser("demo", help="few-step German->English translation with the shipped model, in a table",
+                       formatter_class=raw, description="The demo (`make demo`): loads the shipped elb2web model "
+                       "(German -> English) and its AR peer, prints example translations and a table of BLEU, "
+                       "chrF, latency and speed-up for 1, 2, 4, 8, 16 and 1000 sampling steps on a fixed test "
+                       "subset, with the AR greedy and identity rows. No training unless --retrain.",
                        epilog="""examples:
   fastdiss demo
-  fastdiss demo --variant plain --minutes 5       # plain self-conditioning, same budget
-  fastdiss demo --out runs/demo --sentences 100
+  fastdiss demo --sentences 200 --steps 1,2,4,1000
+  fastdiss demo --retrain --minutes 60            # train the recipe from scratch first
 """)
     from fastdiss import demo as _demo
     _demo.add_arguments(p)
     p.set_defaults(func=cmd_demo)
+
+    # distill
+    p = sub.add_parser("distill", help="sequence-level distillation: an AR teacher's beam outputs as training data",
+                       formatter_class=raw, description="Translate the training sources with an autoregressive "
+                       "teacher (beam search) and write source<TAB>output pairs, the training data of "
+                       "non-autoregressive and diffusion students.",
+                       epilog="""examples:
+  fastdiss distill --ckpt runs/elb2web-ar/best.pt --task elb2web --out runs/elb2web.distilled.tsv
+  fastdiss train --train runs/elb2web.distilled.tsv --valid valid.tsv --preset tiny --out runs/student
+""")
+    p.add_argument("--ckpt", required=True, help="the AR teacher checkpoint")
+    p.add_argument("--task", choices=_tasks(), default=None, help="embedded corpus (default kjv2web)")
+    p.add_argument("--split", choices=("train", "valid", "test"), default="train", help="split of --task (default train)")
+    p.add_argument("--data", help="your pairs instead of --task: TSV (src<TAB>tgt) or x.src/x.tgt")
+    p.add_argument("--out", required=True, help="output TSV (written atomically)")
+    p.add_argument("--beam", type=_positive_int, default=4, help="teacher beam size (default 4)")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--limit", type=_positive_int, default=None, help="only the first N pairs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_device(p)
+    p.set_defaults(func=cmd_distill)
 
     # env
     p = sub.add_parser("env", help="versions, GPU, extension build and which kernels each op uses",
@@ -747,6 +918,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from fastdiss.resources import GenerationMemoryError
+    from fastdiss.runlock import RunDirBusy
     from fastdiss.train import NonFiniteLossError
 
     warnings.formatwarning = _fmt_warning
@@ -760,7 +932,7 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
-    except CLIError as e:
+    except (CLIError, RunDirBusy) as e:   # RunDirBusy: `fastdiss demo` training into a folder in use
         print(f"fastdiss {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (GenerationMemoryError, NonFiniteLossError) as e:  # clear runtime failures: one line, no traceback

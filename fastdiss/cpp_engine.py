@@ -115,10 +115,13 @@ class CppEngine:
         return self.sampler.denoise(_state(enc), enc.src_mask, x, tgt_mask, t_net, alpha, sigma, bool(clamp))
 
     # -- whole generation in C++ (what csrc/example/generate.cpp does) -------------------------
-    def generate(self, src, src_mask, lengths=None, noise=None, steps: int = 4, spacing: str = "uniform",
-                 time_shift: float = 0.0, clamp: bool = False, seed: int = 0):
+    def generate(self, src, src_mask, lengths=None, noise=None, steps: int = 4, spacing: str | None = None,
+                 time_shift: float | None = None, clamp: bool = False, seed: int = 0):
         """(ids list per sentence, latents) with one candidate per sentence: top-1 predicted length
-        (or `lengths`), noise from a CPU generator seeded with `seed` unless `noise` is given."""
+        (or `lengths`), noise from a CPU generator seeded with `seed` unless `noise` is given. spacing and
+        time_shift default to the exported model's SampleConfig (as the Python sampler's do)."""
+        spacing = self.manifest.get("default_spacing", "uniform") if spacing is None else spacing
+        time_shift = float(self.manifest.get("default_time_shift", 0.0)) if time_shift is None else time_shift
         B = src.shape[0]
         lens = torch.full((B,), -1, dtype=torch.long) if lengths is None else torch.as_tensor(lengths).long()
         ids, lens, _, latents, _ = self.sampler.generate(src, src_mask, lens.to(src.device), noise, int(steps),

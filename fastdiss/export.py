@@ -7,7 +7,14 @@ writes into `out`:
     decoder.pt2      (x_t, sc, t, tgt_mask, memory, src_mask, k_0, v_0, ...) -> x0_hat
     embedding.pt     norm(E) (V, d_e): the rounding head and the clamp targets (torch.save, read by
                      torch.load in Python and torch::pickle_load in C++)
-    manifest.json    schedule, noise factor, sizes, pad id, input/output order, weights fingerprint
+    manifest.json    schedule, noise factor, sizes, pad id, input/output order, weights fingerprint,
+                     the sha256 of the three files above and (from `fastdiss export`) the checkpoint
+                     it was made from
+
+Loading an export (load_manifest, which the C++ engine calls) verifies it: a file whose sha256
+differs from the manifest's is damaged (DamagedExportError), and an export whose checkpoint now
+holds other weights (training went on, or the file was replaced) is stale (StaleExportError). Both
+name the file and the fix: re-run `fastdiss export`.
 
 Why two graphs: the encoder, cross-attention K/V and length logits run once per batch; the decoder
 runs K times. The DDIM update (with the optional clamp) is not in the graph: the C++ loop calls the
@@ -47,6 +54,22 @@ FORMAT_VERSION = 1
 ENCODER_FILE, DECODER_FILE, EMBEDDING_FILE, MANIFEST_FILE = "encoder.pt2", "decoder.pt2", "embedding.pt", \
     "manifest.json"
 MAX_BATCH = 4096   # largest batch (sentences x candidates) the exported graphs accept
+
+
+class DamagedExportError(ValueError):
+    """A file of an export is missing, unreadable or differs from the sha256 in its manifest."""
+
+
+class StaleExportError(ValueError):
+    """The checkpoint an export was made from now holds other weights."""
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -201,8 +224,10 @@ def manifest_for(model, diffusion_cfg, sample_cfg=None, device="cpu") -> dict:
     }
 
 
-def export_denoiser(model, diffusion_cfg, out_dir, sample_cfg=None, device=None, verbose: bool = False) -> dict:
-    """Export a live Denoiser (see the module docstring); returns the manifest."""
+def export_denoiser(model, diffusion_cfg, out_dir, sample_cfg=None, device=None, verbose: bool = False,
+                    source: dict | None = None) -> dict:
+    """Export a live Denoiser (see the module docstring); returns the manifest. source: the checkpoint
+    it comes from ({"path", "sha256", "bytes", "mtime_ns"}), recorded so a stale export is found."""
     from fastdiss.config import DiffusionConfig
     from fastdiss.model import Denoiser
 
@@ -229,6 +254,10 @@ def export_denoiser(model, diffusion_cfg, out_dir, sample_cfg=None, device=None,
         with torch.no_grad(), _export_mode():
             emb = model.target_embeddings().detach().to("cpu").contiguous().clone()
         _atomic_write_bytes(out / EMBEDDING_FILE, lambda f: torch.save(emb, f))
+        manifest = {**manifest, "files": {name: {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size}
+                                          for name in (ENCODER_FILE, DECODER_FILE, EMBEDDING_FILE)}}
+        if source is not None:
+            manifest["checkpoint"] = dict(source)
         text = json.dumps(manifest, indent=1) + "\n"
         _atomic_write_bytes(out / MANIFEST_FILE, lambda f: f.write(text.encode()))
     finally:
@@ -244,25 +273,79 @@ def export_model(ckpt_path, out_dir, device: str = "cpu", verbose: bool = False)
     if ck.kind != "diffusion":
         raise ValueError(f"checkpoint {os.fspath(ckpt_path)!r} holds a {ck.kind!r} model; only diffusion "
                          f"models can be exported for the C++ sampler")
+    st = os.stat(ckpt_path)
+    source = {"path": os.path.abspath(ckpt_path), "sha256": file_sha256(ckpt_path), "bytes": st.st_size,
+              "mtime_ns": st.st_mtime_ns}
     return export_denoiser(ck.model, ck.cfg.diffusion, out_dir, sample_cfg=ck.cfg.sample, device=device,
-                           verbose=verbose)
+                           verbose=verbose, source=source)
 
 
-def load_manifest(export_dir) -> dict:
-    """The manifest of an export, checked for format and completeness."""
+def load_manifest(export_dir, verify: bool = True) -> dict:
+    """The manifest of an export, checked for format and completeness; with verify, also that every
+    file has the sha256 recorded at export time (else DamagedExportError) and that the checkpoint it
+    was made from, when it still exists, holds the exported weights (else StaleExportError)."""
     d = Path(export_dir)
     path = d / MANIFEST_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{os.fspath(d)!r} is not a fastdiss export (no {MANIFEST_FILE}); "
                                 f"create one with `fastdiss export --ckpt CKPT --out DIR`")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, OSError) as e:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DamagedExportError(f"{os.fspath(path)!r} is damaged (not a readable JSON manifest: "
+                                 f"{type(e).__name__}); re-run `fastdiss export --ckpt CKPT --out "
+                                 f"{os.fspath(d)}`") from None
+    if not isinstance(manifest, dict):
+        raise DamagedExportError(f"{os.fspath(path)!r} is damaged (not a JSON object); re-run `fastdiss export`")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{os.fspath(path)!r} has format {manifest.get('format')!r} version "
                          f"{manifest.get('format_version')!r}; expected {FORMAT!r} version {FORMAT_VERSION}")
     missing = [f for f in (ENCODER_FILE, DECODER_FILE, EMBEDDING_FILE) if not (d / f).is_file()]
     if missing:
         raise FileNotFoundError(f"export {os.fspath(d)!r} lacks {missing}; re-run `fastdiss export`")
+    if verify:
+        _verify_files(d, manifest)
+        _check_not_stale(d, manifest)
     return manifest
+
+
+def _verify_files(d: Path, manifest: dict) -> None:
+    """Every file listed in the manifest has the recorded size and sha256 (exports made before the
+    manifest listed its files are not checked)."""
+    for name, rec in (manifest.get("files") or {}).items():
+        f = d / name
+        try:
+            ok = f.stat().st_size == rec["bytes"] and file_sha256(f) == rec["sha256"]
+        except (OSError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise DamagedExportError(f"{os.fspath(f)!r} is damaged: its size or sha256 differs from the one "
+                                     f"`fastdiss export` recorded in {MANIFEST_FILE}; re-run `fastdiss export "
+                                     f"--ckpt CKPT --out {os.fspath(d)}`")
+
+
+def _check_not_stale(d: Path, manifest: dict) -> None:
+    """The export's checkpoint, if it still exists, holds the exported weights. Cheap when the file is
+    unchanged (size and mtime); its sha256 next; only a changed file is loaded and fingerprinted (so a
+    copy or a re-save of the same weights is not stale)."""
+    src = manifest.get("checkpoint")
+    if not isinstance(src, dict) or not src.get("path") or not os.path.isfile(src["path"]):
+        return
+    ckpt_path = src["path"]
+    st = os.stat(ckpt_path)
+    if st.st_size == src.get("bytes") and st.st_mtime_ns == src.get("mtime_ns"):
+        return
+    if file_sha256(ckpt_path) == src.get("sha256"):
+        return
+    from fastdiss import checkpoint
+    try:
+        ck = checkpoint.load(ckpt_path)
+    except (ValueError, OSError):
+        return   # a damaged checkpoint does not make the export wrong; loading it will say what is wrong
+    if weights_fingerprint(ck.model) != manifest.get("weights_sha256"):
+        raise StaleExportError(f"export {os.fspath(d)!r} is stale: it was made from {ckpt_path!r}, which now holds "
+                               f"other weights (training went on or the file was replaced); re-run `fastdiss "
+                               f"export --ckpt {ckpt_path} --out {os.fspath(d)}`")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

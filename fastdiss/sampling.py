@@ -89,6 +89,10 @@ class Sampler:
     sentences with the same ids as one batch, or with split_oversize=False is refused with a message
     that says which batch size fits."""
 
+    # progress hook (fastdiss.longjobs), set on an instance: on_step(sentences, steps) after `steps`
+    # denoising steps of `sentences` sentences; None costs nothing
+    on_step = None
+
     def __init__(self, model, sample_cfg: SampleConfig | None = None, diffusion_cfg: DiffusionConfig | None = None,
                  engine=None, engine_options: dict | None = None, *, memory_budget_mb: float | None = None,
                  split_oversize: bool = True):
@@ -183,11 +187,15 @@ class Sampler:
             x, mask = x_all[rows], tgt_mask[rows]
             if engine is not None:
                 x, sc = engine.denoise(enc, x, mask, grid, clamp=clamp, time_shift=time_shift)
+                if self.on_step is not None:
+                    self.on_step(j - i, steps)
             else:
                 sc = torch.zeros_like(x)
                 for k in range(steps):
                     x, sc = denoise_step(model, x, sc, grid[k], grid[k + 1], enc, mask,
                                          schedule=self.dcfg.schedule, clamp=clamp, time_shift=time_shift)
+                    if self.on_step is not None:
+                        self.on_step(j - i, 1)
             logp = torch.log_softmax(model.logits(sc).float(), dim=-1)
             tok_logp, ids = logp.max(-1)                         # (rows, L)
             return x, tok_logp, ids

@@ -15,6 +15,7 @@ uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -29,6 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from fastdiss import checkpoint as ckpt
+from fastdiss import runlock
 from fastdiss.config import Config, TrainConfig
 from fastdiss.data.batching import TokenBatchSampler, collate
 
@@ -349,6 +351,9 @@ class Trainer:
         if c.train_state is None:
             raise ValueError(f"checkpoint {path!r} has no training state to resume from (a 'best' checkpoint?)")
         self.load_state_dict(c.train_state, c.weights, c.ema_weights)
+        if self.out_dir and self.rank == 0 and os.path.isdir(self.out_dir) and \
+                os.path.samefile(os.path.dirname(os.path.abspath(path)), self.out_dir):
+            trim_log(os.path.join(self.out_dir, "train_log.jsonl"), self.step)
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self, train: list, valid: list | None = None, max_steps: int | None = None) -> TrainResult:
@@ -436,6 +441,34 @@ class Trainer:
         return int(self.cfg.model.max_len)
 
 
+def trim_log(log_path: str, step: int) -> None:
+    """Make a run's log continue from its last checkpoint: drop the records of steps after `step` (a
+    killed run logged them; the resumed run computes and logs them again) and any line that is not a
+    whole JSON record (the run was killed while appending it). Rewritten atomically, only if needed."""
+    try:
+        with open(log_path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return
+    kept, changed = [], False
+    for line in raw.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            keep = isinstance(rec, dict) and int(rec.get("step", 0)) <= step
+        except (ValueError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            changed = True
+    if not changed and (not raw or raw.endswith(b"\n")):
+        return
+    text = b"".join(line + b"\n" for line in kept)
+    ckpt.atomic_write_bytes(text, log_path)
+
+
 def _filter_examples(examples: list, max_len: int, what: str) -> list:
     """Drop pairs with an empty side or a side longer than the model's max_len (with a warning)."""
     kept = [(list(s), list(t)) for s, t in examples if 0 < len(s) <= max_len and 0 < len(t) <= max_len]
@@ -469,10 +502,18 @@ def train(cfg: Config, train_pairs_encoded: list, valid_pairs_encoded: list, tok
     tokenizer, pass vocab_size and pad_id (BLEU is then computed on id strings)."""
     rank, world, dev = setup_distributed()
     device = torch.device(device) if device is not None else dev
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, tokenizer, kind, vocab_size, pad_id)
-    trainer = Trainer(cfg, model, kind=kind, tokenizer=tokenizer, out_dir=out_dir, device=device, progress=progress)
-    last = os.path.join(out_dir, "last.pt")
-    if resume and os.path.exists(last):
-        trainer.resume(last)
-    return trainer.fit(train_pairs_encoded, valid_pairs_encoded, max_steps=max_steps)
+    # one training per out_dir (fastdiss.runlock): a second one raises RunDirBusy instead of racing on last.pt
+    with runlock.hold(out_dir) if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            runlock.remove_leftovers(out_dir)
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)   # saved in last.pt: a fresh run's state must not depend on the process
+        model = build_model(cfg, tokenizer, kind, vocab_size, pad_id)
+        trainer = Trainer(cfg, model, kind=kind, tokenizer=tokenizer, out_dir=out_dir, device=device,
+                          progress=progress)
+        last = os.path.join(out_dir, "last.pt")
+        if resume and os.path.exists(last):
+            trainer.resume(last)
+        elif rank == 0:   # a fresh run: no records of an earlier run killed before its first save
+            trim_log(os.path.join(out_dir, "train_log.jsonl"), 0)
+        return trainer.fit(train_pairs_encoded, valid_pairs_encoded, max_steps=max_steps)

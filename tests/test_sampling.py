@@ -143,8 +143,8 @@ def test_deterministic_for_a_seed():
 def test_time_shift_feeds_later_network_time():
     model = tiny(Recording)
     src, src_mask = sources()
-    Sampler(model, SampleConfig(length_beam=1)).generate(src, src_mask, 4, time_shift=0.5)
-    grid = time_grid(4)
+    Sampler(model, SampleConfig(length_beam=1, spacing="uniform")).generate(src, src_mask, 4, time_shift=0.5)
+    grid = time_grid(4, "uniform")
     for k, c in enumerate(model.calls):
         want = grid[k] + 0.5 * (1 - grid[k])
         torch.testing.assert_close(c["t"], torch.full_like(c["t"], float(want)))
