@@ -6,7 +6,7 @@ Where each issue-8 item is tested:
                     CLI: tests/test_cli.py (missing/unreadable files, bad UTF-8, empty lines, over-long
                     inputs, unknown task/preset, --steps 0 or negative); here: damaged checkpoints through
                     the CLI (truncated, other format version, weights of another config).
-  2. checkpoints    tests/test_train.py (damaged files, other version/config, atomic save, SIGKILL + resume).
+  2. checkpoints    tests/test_train.py (damaged files, other version/config, atomic save); SIGKILL + bit-exact resume in tests/test_faults.py.
   3. non-finite     tests/test_train.py (skipped and counted steps, stop after too many in a row);
                     here: no tensors of a training step outlive it (a leak grows without bound).
   4. properties     tests/test_properties.py (every op against a float64 oracle, hypothesis).
