@@ -243,20 +243,21 @@ def curve_table(merged: dict) -> str:
                            f"{_ms(main['bleu'])} | {_ms(main['chrf'])} |")
         finals = [e for e in entries if e["final"]]
         if finals:
-            ks = [f["steps"] for f in finals[0]["final"] if f.get("time_shift", 1.0) != 0.0]
-            grid0 = finals[0]["final"][0].get("spacing", "uniform")
-            out += ["", f"Sampling steps at the last checkpoint (BLEU, one candidate, {grid0} time grid unless "
-                        f"marked; 'true t' = K=4 without condition-enhanced sampling):", "",
-                    "| variant | " + " | ".join(f"K={k}" for k in ks) + " | K=4, true t |",
-                    "|---|" + "---|" * (len(ks) + 1)]
+            ks = sorted({f["steps"] for e in finals for f in e["final"]})
+            out += ["", "Sampling steps at the last checkpoint (BLEU, one candidate; 'true t' = K=4 without "
+                        "condition-enhanced sampling; a cell scored on another time grid than its row says so):", "",
+                    "| variant | steps | grid | " + " | ".join(f"K={k}" for k in ks) + " | K=4, true t |",
+                    "|---|---|---|" + "---|" * (len(ks) + 1)]
             for e in finals:
                 cells = {(f["steps"], f.get("time_shift") == 0.0): f for f in e["final"]}
-                grid = lambda f: "" if f.get("spacing") == e["final"][0].get("spacing") else f" ({f['spacing']} grid)"  # noqa: E731
                 shifted = any(not t for (_, t) in cells)   # the variant samples with condition-enhanced time
                 cell = lambda k: cells.get((k, False)) if shifted else cells.get((k, True))  # noqa: E731
-                row = [_ms(cell(k)["bleu"]) + grid(cell(k)) if cell(k) else "-" for k in ks]
-                row.append(_ms(cells[(4, True)]["bleu"]) if shifted and (4, True) in cells else "(its K=4)")
-                out.append(f"| {e['variant']} | " + " | ".join(row) + " |")
+                grid0 = e["final"][0].get("spacing", "uniform")
+                mark = lambda f: "" if f.get("spacing", grid0) == grid0 else f" ({f['spacing']})"  # noqa: E731
+                row = [_ms(cell(k)["bleu"]) + mark(cell(k)) if cell(k) else "-" for k in ks]
+                row.append(_ms(cells[(4, True)]["bleu"]) if shifted and (4, True) in cells else "(= its K=4)")
+                steps = e["curve"][-1]["train_steps"] if e["curve"] else "?"
+                out.append(f"| {e['variant']} | {steps} | {grid0} | " + " | ".join(row) + " |")
         out.append("")
     return "\n".join(out)
 
