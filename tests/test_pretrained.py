@@ -85,15 +85,12 @@ def test_shipped_models_load_within_the_size_limit_with_provenance(name):
     assert all(p.dtype == torch.float32 for p in ck.model.parameters())
 
 
-def test_generate_without_ckpt_uses_the_shipped_model(capsys):
-    from fastdiss.cli import main
+def test_generate_without_ckpt_uses_the_shipped_model(capsys, monkeypatch):
     import io
     import sys
-    old = sys.stdin
-    sys.stdin = io.StringIO("Im Anfang war das Wort.\n")
-    try:
-        assert main(["generate", "--steps", "2"]) == 0
-    finally:
-        sys.stdin = old
+
+    from fastdiss.cli import main
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("Im Anfang war das Wort.\n".encode())))
+    assert main(["generate", "--steps", "2"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].strip()
