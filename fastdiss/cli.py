@@ -859,9 +859,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     # demo
-    p = sub.add_parser("demo", help="few-step German->English translation with the shipped model, in a table",
-                       formatter_class=raw, description="The demo (`make demo`): loads the shipped elb2web model "
-                       "(German -> English) and its AR peer, prints example translations and a table of BLEU, "
+    p = sub.add_parser("demo", help="few-step translation with the shipped trained models: examples and a table",
+                       formatter_class=raw, description="The demo (`make demo`): loads the shipped elb2web and kjv2web models "
+                       "and their AR peers, prints example translations and a table of BLEU, "
                        "chrF, latency and speed-up for 1, 2, 4, 8, 16 and 1000 sampling steps on a fixed test "
                        "subset, with the AR greedy and identity rows. No training unless --retrain.",
                        epilog="""examples:
