@@ -299,10 +299,6 @@ def run_generation(ck, sources: list[list[int]], *, device: str = "cpu", steps: 
 # Training with an optional wall-clock budget (shared with fastdiss.demo)
 # ---------------------------------------------------------------------------------------------
 
-class _TimeUp(Exception):
-    pass
-
-
 def run_training(cfg, train_enc, valid_enc, tokenizer, out_dir: str, kind: str = "diffusion", **kwargs):
     """fastdiss.train's Trainer, stopped at max_steps or when `minutes` of wall clock are spent
     (then validated and saved like a normal end of training). Returns (trainer, stopped_by_time).
@@ -319,24 +315,12 @@ def _run_training(cfg, train_enc, valid_enc, tokenizer, out_dir: str, kind: str 
 
     from fastdiss import train as T
 
-    class BudgetTrainer(T.Trainer):
-        deadline = None
-
-        def train_step(self, batch):
-            if self.deadline is not None:
-                up = torch.tensor([float(time.monotonic() >= self.deadline)], device=self.device)
-                if self.world > 1:  # every process must stop at the same step (DDP)
-                    torch.distributed.all_reduce(up, op=torch.distributed.ReduceOp.MAX)
-                if bool(up):
-                    raise _TimeUp()
-            return super().train_step(batch)
-
     T.setup_distributed()
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)   # saved in last.pt: a fresh run's state must not depend on the process
     model = T.build_model(cfg, tokenizer, kind)
-    trainer = BudgetTrainer(cfg, model, kind=kind, tokenizer=tokenizer, out_dir=out_dir, device=device,
-                            progress=progress)
+    trainer = T.Trainer(cfg, model, kind=kind, tokenizer=tokenizer, out_dir=out_dir, device=device,
+                        progress=progress)
     last = os.path.join(out_dir, "last.pt")
     if resume:
         try:
@@ -345,22 +329,9 @@ def _run_training(cfg, train_enc, valid_enc, tokenizer, out_dir: str, kind: str 
             raise CLIError(str(e)) from None
     elif trainer.rank == 0:   # a fresh run: no records of an earlier run killed before its first save
         T.trim_log(os.path.join(out_dir, "train_log.jsonl"), 0)
-    if minutes is not None:
-        trainer.deadline = time.monotonic() + 60.0 * minutes
-    try:
-        trainer.fit(train_enc, valid_enc, max_steps=max_steps)
-        return trainer, False
-    except _TimeUp:
-        pass
-    # Out of time: finish like fit() does at its last step (validate, best.pt, last.pt).
-    max_len = cfg.model.max_len
-    valid = [(s, t) for s, t in valid_enc if 0 < len(s) <= max_len and 0 < len(t) <= max_len]
-    if cfg.train.eval_sentences:
-        valid = valid[:cfg.train.eval_sentences]
-    if valid:
-        trainer._evaluate(valid, os.path.join(out_dir, "best.pt"), os.path.join(out_dir, "train_log.jsonl"))
-    trainer.save(last, extra={"step": trainer.step})
-    return trainer, True
+    result = trainer.fit(train_enc, valid_enc, max_steps=max_steps,
+                         max_seconds=None if minutes is None else 60.0 * minutes)
+    return trainer, result.stopped_by_time
 
 
 # ---------------------------------------------------------------------------------------------

@@ -155,6 +155,7 @@ class TrainResult:
     best_path: str | None
     history: list = field(default_factory=list)
     skipped_steps: int = 0
+    stopped_by_time: bool = False
 
 
 class Trainer:
@@ -356,10 +357,19 @@ class Trainer:
             trim_log(os.path.join(self.out_dir, "train_log.jsonl"), self.step)
 
     # -- the loop --------------------------------------------------------------------------------
-    def fit(self, train: list, valid: list | None = None, max_steps: int | None = None) -> TrainResult:
-        """Train until max_steps (default train.max_steps), evaluating every eval_every steps and
-        writing out_dir/last.pt (every save_every steps, at every eval, at the end) and
-        out_dir/best.pt (on a new best validation BLEU)."""
+    def _out_of_time(self, deadline: float) -> bool:
+        """Every process takes the same decision (DDP: the slowest clock wins)."""
+        up = torch.tensor([float(time.monotonic() >= deadline)], device=self.device)
+        if self.world > 1:
+            dist.all_reduce(up, op=dist.ReduceOp.MAX)
+        return bool(up)
+
+    def fit(self, train: list, valid: list | None = None, max_steps: int | None = None,
+            max_seconds: float | None = None) -> TrainResult:
+        """Train until max_steps (default train.max_steps) or until max_seconds of wall clock are
+        spent, evaluating every eval_every steps and writing out_dir/last.pt (every save_every steps,
+        at every eval, at the end) and out_dir/best.pt (on a new best validation BLEU). Stopping on
+        time ends like the last step does: validated and saved."""
         from tqdm.auto import tqdm
 
         tcfg = self.tcfg
@@ -377,9 +387,14 @@ class Trainer:
                    dynamic_ncols=True, desc=f"train {self.kind}")
         run_loss, run_n, tokens, t0 = 0.0, 0, 0, time.perf_counter()
         pad = self.model.pad_id
-        while self.step < max_steps:
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        timed_out = False
+        while self.step < max_steps and not timed_out:
             batches = self.epoch_batches(sampler, self.epoch)
             while self.batch_in_epoch < len(batches) and self.step < max_steps:
+                if deadline is not None and self._out_of_time(deadline):
+                    timed_out = True
+                    break
                 batch = collate([train[i] for i in batches[self.batch_in_epoch]], pad)
                 stats = self.train_step(batch)
                 self.batch_in_epoch += 1   # after the step: an exception inside it leaves the position
@@ -405,9 +420,14 @@ class Trainer:
             if self.batch_in_epoch >= len(batches):
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         bar.close()
+        if timed_out:   # finish like the last step does
+            if valid:
+                self._evaluate(valid, best, log_path)
+            if last:
+                self.save(last, extra={"step": self.step})
         return TrainResult(steps=self.step, best_bleu=self.best_bleu, last_path=last,
                            best_path=best if best and os.path.exists(best) else None,
-                           history=list(self.history), skipped_steps=self.bad_total)
+                           history=list(self.history), skipped_steps=self.bad_total, stopped_by_time=timed_out)
 
     def _prepare_train(self, train: list):
         """Filtered training pairs and their length-bucketed batch sampler, cached per data list

@@ -320,3 +320,17 @@ def test_fit_in_chunks_equals_one_fit():
     assert (chunks.step, chunks.epoch, chunks.batch_in_epoch) == (one.step, one.epoch, one.batch_in_epoch)
     for k, v in one.model.state_dict().items():
         assert torch.equal(chunks.model.state_dict()[k], v), k
+
+
+def test_fit_stops_on_time_and_ends_like_a_last_step(tmp_path):
+    """max_seconds: the loop stops before the step budget, validates and writes last.pt at the step reached."""
+    cfg = tiny_cfg()
+    model = Denoiser(cfg.model, V, PAD)
+    trainer = Trainer(cfg, model, out_dir=str(tmp_path), progress=False)
+    res = trainer.fit(copy_pairs(64), copy_pairs(4), max_steps=10 ** 6, max_seconds=2.0)
+    assert res.stopped_by_time and 0 < res.steps < 10 ** 6
+    saved = ckpt.load(str(tmp_path / "last.pt"))
+    assert saved.train_state["step"] == res.steps
+    assert any("valid_bleu" in h and h["step"] == res.steps for h in res.history)
+    again = Trainer(cfg, Denoiser(cfg.model, V, PAD), out_dir=str(tmp_path / "b"), progress=False)
+    assert not again.fit(copy_pairs(64), None, max_steps=3, max_seconds=3600).stopped_by_time
