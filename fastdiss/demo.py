@@ -118,10 +118,8 @@ def run(args) -> int:
         raise CLIError("--model and --retrain apply to one task: add --task elb2web or --task kjv2web")
     records = [run_task(args, task, why) for task in tasks]
     if args.save:
-        from pathlib import Path
-
-        from fastdiss.pretrained import _atomic_write
-        _atomic_write(Path(args.save), (json.dumps({"tasks": records}, indent=1) + "\n").encode())
+        from fastdiss.atomic import write_bytes
+        write_bytes(args.save, (json.dumps({"tasks": records}, indent=1) + "\n").encode())
     return 0
 
 

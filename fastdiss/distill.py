@@ -11,9 +11,6 @@ read (longer than its max_len) keep their reference, and the count is reported.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-
 import torch
 
 
@@ -43,21 +40,9 @@ def distill_pairs(teacher, tokenizer, pairs: list, *, beam: int = 4, batch_size:
 
 
 def write_tsv(pairs: list, path: str) -> None:
-    """Atomic write (temporary file in the same folder, fsync, rename): a killed run leaves no half file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".distill-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for s, t in pairs:
-                f.write(f"{_one_line(s)}\t{_one_line(t)}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Atomic write (fastdiss.atomic): a killed run leaves no half file."""
+    from fastdiss.atomic import write_bytes
+    write_bytes(path, "".join(f"{_one_line(s)}\t{_one_line(t)}\n" for s, t in pairs).encode("utf-8"))
 
 
 def _one_line(text: str) -> str:

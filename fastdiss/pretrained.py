@@ -18,11 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from fastdiss.atomic import write_bytes
 from fastdiss.checkpoint import KINDS, Checkpoint, build_model
 from fastdiss.config import Config
 
@@ -52,21 +52,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)   # mkstemp makes 0600; shipped files are read by everyone
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_pretrained(ck: Checkpoint, out_dir: str | os.PathLike, provenance: dict, dtype=torch.float16) -> Path:
     """Write a loaded checkpoint (its EMA weights when it has them) as a shipped-model folder."""
     from safetensors.torch import save as st_save
@@ -76,13 +61,13 @@ def save_pretrained(ck: Checkpoint, out_dir: str | os.PathLike, provenance: dict
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
              for k, v in ck.model.state_dict().items()}
-    _atomic_write(out / "model.safetensors", st_save(state, metadata={"format": FORMAT}))
-    _atomic_write(out / "tokenizer.json", ck.tokenizer.to_json_str().encode())
-    _atomic_write(out / "provenance.json", (json.dumps(provenance, indent=1, sort_keys=True) + "\n").encode())
+    write_bytes(out / "model.safetensors", st_save(state, metadata={"format": FORMAT}))
+    write_bytes(out / "tokenizer.json", ck.tokenizer.to_json_str().encode())
+    write_bytes(out / "provenance.json", (json.dumps(provenance, indent=1, sort_keys=True) + "\n").encode())
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "fastdiss_version": fastdiss.__version__, "kind": ck.kind,
             "config": ck.cfg.to_dict(), "model_args": ck.model_args,
             "sha256": {name: _sha256(out / name) for name in FILES}}
-    _atomic_write(out / "config.json", (json.dumps(meta, indent=1) + "\n").encode())
+    write_bytes(out / "config.json", (json.dumps(meta, indent=1) + "\n").encode())
     return out
 
 

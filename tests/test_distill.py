@@ -57,7 +57,8 @@ def test_write_is_atomic_on_failure(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(distill.os, "fsync", boom)
+    from fastdiss import atomic
+    monkeypatch.setattr(atomic.os, "fsync", boom)
     with pytest.raises(OSError):
         distill.write_tsv([("a", "b")], str(target))
     assert target.read_text() == "old\tcontent\n"

@@ -37,6 +37,9 @@ def test_round_trip_keeps_fp16_rounded_weights(tiny_ck, tmp_path):
         torch.testing.assert_close(got[k], v.half().float() if v.is_floating_point() else v, rtol=0, atol=0)
     assert back.tokenizer.encode("In the beginning") == tiny_ck.tokenizer.encode("In the beginning")
     assert back.extra["provenance"] == {"note": "test"}
+    assert all((p.stat().st_mode & 0o777) == 0o644 for p in out.iterdir())   # readable by everyone, not mkstemp's 0600
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "provenance.json",
+                                                      "tokenizer.json"]       # no temporary files left
 
 
 @pytest.mark.parametrize("victim", ["model.safetensors", "tokenizer.json"])
