@@ -8,10 +8,9 @@ import sys
 
 import pytest
 
+from benchmarks.kill_test import archaic_pairs as _pairs
 from fastdiss import cli
 
-WORDS = ("thou shalt not kill thee ye hath said unto them and the lord god spake moses "
-         "you have said to them he it is light day night").split()
 
 
 def _run(capsys, *argv):
@@ -27,16 +26,6 @@ def _assert_one_line_error(rc, err, *needles):
     assert "Traceback" not in err
     for n in needles:
         assert n in lines[0], f"{n!r} not in {lines[0]!r}"
-
-
-def _pairs(n, seed):
-    import random
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        src = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
-        out.append((src, src.replace("thou", "you").replace("hath", "has").replace("ye", "you")))
-    return out
 
 
 @pytest.fixture(scope="module")
