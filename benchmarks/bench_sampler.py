@@ -94,7 +94,7 @@ def cached_export(model, cfg, export_dir: str | None) -> str:
 
 def make_engines(names, model, cfg, device, export_dir):
     """{name: engine} for the engines that can run here; {name: reason} for those that cannot."""
-    from fastdiss.engines import PythonEngine
+    from fastdiss.python_engine import PythonEngine
     engines, skipped = {}, {}
     for name in names:
         try:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from fastdiss import functional
 from fastdiss.config import preset
 from fastdiss.model import Denoiser
-from fastdiss.sampling import denoise_step
+from fastdiss.python_engine import denoise_step
 from fastdiss.schedule import alpha_sigma
 
 B, L = 64, 32          # a batch of 64 sentences of 32 tokens

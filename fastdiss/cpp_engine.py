@@ -6,71 +6,30 @@ AOTInductor encoder, once per batch) and `denoise` (all K steps in one C++ call,
 step). Given the same initial noise it reproduces the Python loop: same schedule values, same
 fused step op, same self-conditioning hand-over.
 
-The C++ class is torch.classes.fastdiss.AOTISampler, part of fastdiss._C. With an older build
-that lacks it, FASTDISS_JIT_SAMPLER=1 compiles csrc/sampler on first use (about a minute).
+The C++ class is torch.classes.fastdiss.AOTISampler, part of fastdiss._C. The per-step schedule
+values come from fastdiss.python_engine.step_schedule, so the C++ loop does no schedule math.
 """
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import torch
 
 from fastdiss import _ext
 from fastdiss.export import load_manifest, weights_fingerprint
-from fastdiss.schedule import alpha_sigma
-
-_SAMPLER_SOURCES = Path(__file__).resolve().parent.parent / "csrc" / "sampler"
-_jit_loaded = False
-
-
-def sampler_class_available() -> bool:
-    try:
-        torch.classes.fastdiss.AOTISampler  # noqa: B018  (raises when not registered)
-    except (RuntimeError, AttributeError):
-        return False
-    return True
-
-
-def _jit_build() -> None:
-    """Compile csrc/sampler/*.cpp into a side library (the ops themselves still come from fastdiss._C)."""
-    global _jit_loaded
-    from torch.utils.cpp_extension import load
-
-    sources = sorted(str(p) for p in _SAMPLER_SOURCES.glob("*.cpp"))
-    if not sources:
-        raise RuntimeError(f"no C++ sampler sources under {_SAMPLER_SOURCES} (is this a source checkout?)")
-    warnings.warn("fastdiss._C has no AOTISampler; compiling csrc/sampler now (FASTDISS_JIT_SAMPLER=1)",
-                  RuntimeWarning, stacklevel=3)
-    load(name="fastdiss_sampler_jit", sources=sources, extra_cflags=["-O2"], is_python_module=False,
-         verbose=False)
-    _jit_loaded = True
+from fastdiss.model import EncoderState
+from fastdiss.python_engine import step_schedule
 
 
 def require_sampler_class() -> None:
-    """Make torch.classes.fastdiss.AOTISampler available, or raise saying how."""
+    """Make sure torch.classes.fastdiss.AOTISampler is registered, or raise saying how."""
     _ext.require("the C++ sampler (engine='cpp')")
-    if sampler_class_available():
-        return
-    if os.environ.get("FASTDISS_JIT_SAMPLER", "0") == "1" and not _jit_loaded:
-        _jit_build()
-        if sampler_class_available():
-            return
-    raise RuntimeError("fastdiss._C was built without the C++ sampler (torch.classes.fastdiss.AOTISampler); "
-                       "rebuild with `pip install --no-build-isolation -e .`, or set FASTDISS_JIT_SAMPLER=1 to "
-                       "compile it on first use")
-
-
-def schedule_values(grid: torch.Tensor, schedule: str, time_shift: float):
-    """(t_net (K,), alpha (K+1,), sigma (K+1,)) float32 for a time grid, computed per grid point with the
-    same 0-dim ops as sampling.denoise_step, so the C++ loop sees the Python loop's numbers bit for bit."""
-    from fastdiss.sampling import network_time
-
-    grid = grid.detach().to("cpu", torch.float32)
-    t_net = torch.stack([network_time(grid[k], time_shift) for k in range(grid.numel() - 1)])
-    pairs = [alpha_sigma(grid[k], schedule) for k in range(grid.numel())]
-    return (t_net.float(), torch.stack([a for a, _ in pairs]).float(), torch.stack([s for _, s in pairs]).float())
+    try:
+        torch.classes.fastdiss.AOTISampler  # noqa: B018  (raises when not registered)
+    except (RuntimeError, AttributeError):
+        raise RuntimeError("fastdiss._C was built without the C++ sampler (torch.classes.fastdiss.AOTISampler); "
+                           "rebuild it with `pip install --no-build-isolation -e .`") from None
 
 
 class CppEngine:
@@ -98,7 +57,6 @@ class CppEngine:
     # -- the Sampler's engine interface --------------------------------------------------------
     def encode(self, src, src_mask):
         """EncoderState from the exported encoder (memory, src_mask, cross-attention K/V per layer)."""
-        from fastdiss.model import EncoderState
         if not isinstance(src, torch.Tensor) or not isinstance(src_mask, torch.Tensor):
             raise TypeError(f"src and src_mask must be tensors, got {type(src).__name__} and "
                             f"{type(src_mask).__name__}")
@@ -106,13 +64,17 @@ class CppEngine:
         kv = tuple((out[2 + 2 * i], out[3 + 2 * i]) for i in range(self.n_dec))
         return EncoderState(out[0], src_mask, kv)
 
-    def denoise(self, enc, x, tgt_mask, grid, *, clamp: bool = False, time_shift: float = 0.0):
-        """All K = len(grid) - 1 steps from x = x_{t_0} in one C++ call -> (x_{t_K}, last x0 (clamped))."""
+    def denoise(self, enc, x, tgt_mask, grid, *, clamp: bool = False, time_shift: float = 0.0, on_step=None):
+        """All K = len(grid) - 1 steps from x = x_{t_0} in one C++ call -> (x_{t_K}, last x0 (clamped));
+        on_step(K) after it, when given."""
         if x is None:
             x = self.noise_factor * torch.randn(enc.out.shape[0], tgt_mask.shape[1], int(self.manifest["d_latent"]),
                                                 device=enc.out.device, dtype=enc.out.dtype)
-        t_net, alpha, sigma = schedule_values(grid, self.schedule, time_shift)
-        return self.sampler.denoise(_state(enc), enc.src_mask, x, tgt_mask, t_net, alpha, sigma, bool(clamp))
+        t_net, alpha, sigma = step_schedule(grid, self.schedule, time_shift)
+        out = self.sampler.denoise(_state(enc), enc.src_mask, x, tgt_mask, t_net, alpha, sigma, bool(clamp))
+        if on_step is not None:
+            on_step(grid.numel() - 1)
+        return out
 
     # -- whole generation in C++ (what csrc/example/generate.cpp does) -------------------------
     def generate(self, src, src_mask, lengths=None, noise=None, steps: int = 4, spacing: str | None = None,

@@ -11,6 +11,8 @@ How:
 - One graph per (batch, target length, source length, steps, clamp, time_shift, noise mode, dtype)
   bucket, kept in an LRU cache of `max_graphs`. Each graph owns static buffers: the encoder state,
   both masks, the time grid (so one graph serves every spacing with the same K) and the initial x.
+- The captured body is the eager loop itself (fastdiss.python_engine.PythonEngine.denoise) run on
+  the static buffers, so replay and fallback compute the same steps.
 - Capture follows the PyTorch recipe: warm-up runs on a side stream (Triton compiles and autotunes
   there, outside the capture), then torch.cuda.graph. The RNG state is restored after warm-up, so
   capturing does not shift the random stream.
@@ -32,7 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdiss.engines import PythonEngine
+from fastdiss.model import EncoderState
+from fastdiss.python_engine import PythonEngine
 
 ENV_OPT_OUT = "FASTDISS_NO_CUDA_GRAPHS"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -96,10 +99,8 @@ class _Buffers:
         self.out = enc.out.new_zeros(B, Ls, enc.out.shape[2])
         self.kv = [t.new_zeros(B, t.shape[1], Ls, t.shape[3]) for pair in enc.cross_kv for t in pair]
         self.x = None if key.fresh_noise else torch.zeros(B, L, d_latent, dtype=key.dtype, device=dev)
-        self.shape = (B, L, d_latent)
 
     def encoder_state(self):
-        from fastdiss.model import EncoderState
         pairs = tuple((self.kv[2 * i], self.kv[2 * i + 1]) for i in range(len(self.kv) // 2))
         return EncoderState(self.out, self.src_mask, pairs)
 
@@ -133,8 +134,6 @@ class CUDAGraphEngine:
         bucket_batch(1, batch_buckets)  # validates the buckets
         self.model = model
         self.eager = PythonEngine(model, diffusion_cfg)
-        self.schedule = diffusion_cfg.schedule
-        self.noise_factor = float(diffusion_cfg.noise_factor)
         self.batch_buckets = tuple(batch_buckets)
         self.length_multiple = length_multiple
         self.max_graphs = max_graphs
@@ -150,7 +149,7 @@ class CUDAGraphEngine:
         return self.model.encode(src, src_mask)
 
     @torch.no_grad()
-    def denoise(self, enc, x, tgt_mask, grid, *, clamp: bool = False, time_shift: float = 0.0):
+    def denoise(self, enc, x, tgt_mask, grid, *, clamp: bool = False, time_shift: float = 0.0, on_step=None):
         """K = len(grid) - 1 steps by graph replay -> (x_{t_K}, last x0). x None: noise drawn in the graph."""
         reason = graphs_disabled_reason(enc.out.device)
         key = None
@@ -158,7 +157,7 @@ class CUDAGraphEngine:
             key = self.bucket_key(enc, x, tgt_mask, grid, clamp, time_shift)
             reason = self._failed.get(key)
         if reason is not None:
-            return self._eager(reason, enc, x, tgt_mask, grid, clamp, time_shift)
+            return self._eager(reason, enc, x, tgt_mask, grid, clamp, time_shift, on_step)
         entry = self._graphs.get(key)
         if entry is None:
             try:
@@ -166,12 +165,14 @@ class CUDAGraphEngine:
             except Exception as e:  # capture is best effort: any failure means "run eagerly"
                 torch.cuda.synchronize()
                 self._failed[key] = f"capture failed ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
-                return self._eager(self._failed[key], enc, x, tgt_mask, grid, clamp, time_shift)
+                return self._eager(self._failed[key], enc, x, tgt_mask, grid, clamp, time_shift, on_step)
         self._graphs.move_to_end(key)
         graph, bufs, x_out, sc_out = entry
         bufs.load(enc, x, tgt_mask, grid)
         graph.replay()
         self.stats["replays"] += 1
+        if on_step is not None:
+            on_step(key.steps)
         B, L = tgt_mask.shape
         return x_out[:B, :L].clone(), sc_out[:B, :L].clone()
 
@@ -208,19 +209,9 @@ class CUDAGraphEngine:
 
     # -- internals ------------------------------------------------------------------------------
     def _body(self, bufs: _Buffers, key: BucketKey):
-        """The K-step loop on the static buffers: exactly the Python sampler's steps."""
-        from fastdiss.sampling import denoise_step
-
-        if bufs.x is None:
-            x = self.noise_factor * torch.randn(bufs.shape, dtype=key.dtype, device=bufs.grid.device)
-        else:
-            x = bufs.x
-        enc = bufs.encoder_state()
-        sc = torch.zeros_like(x)
-        for k in range(key.steps):
-            x, sc = denoise_step(self.model, x, sc, bufs.grid[k], bufs.grid[k + 1], enc, bufs.tgt_mask,
-                                 schedule=self.schedule, clamp=key.clamp, time_shift=key.time_shift)
-        return x, sc
+        """The eager loop on the static buffers (bufs.x None: it draws the noise, in the graph)."""
+        return self.eager.denoise(bufs.encoder_state(), bufs.x, bufs.tgt_mask, bufs.grid, clamp=key.clamp,
+                                  time_shift=key.time_shift)
 
     def _capture(self, key: BucketKey, enc, x, tgt_mask, grid):
         device = torch.device(key.device)
@@ -245,11 +236,11 @@ class CUDAGraphEngine:
             old.reset()
         return self._graphs[key]
 
-    def _eager(self, reason, enc, x, tgt_mask, grid, clamp, time_shift):
+    def _eager(self, reason, enc, x, tgt_mask, grid, clamp, time_shift, on_step):
         if not self._warned and not reason.startswith(ENV_OPT_OUT):  # the opt-out is asked for: no warning
             self._warned = True
             warnings.warn(f"CUDA graphs not used ({reason}); running the eager Python loop instead",
                           RuntimeWarning, stacklevel=3)
         self.fallback_reason = reason
         self.stats["eager"] += 1
-        return self.eager.denoise(enc, x, tgt_mask, grid, clamp=clamp, time_shift=time_shift)
+        return self.eager.denoise(enc, x, tgt_mask, grid, clamp=clamp, time_shift=time_shift, on_step=on_step)

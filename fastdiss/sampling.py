@@ -1,8 +1,7 @@
-"""K-step DDIM sampling of the denoiser, for K = 1 (one-step) up to 2000 (the many-step baseline).
+"""Generation with the denoiser, for K = 1 (one-step) up to 2000 (the many-step baseline) DDIM steps.
 
-    x_{t_0} = F eps                                   t_0 = 1 > t_1 > ... > t_K = 0 (schedule.time_grid)
-    for k = 1..K:   x_{t_k}, x0_hat = denoise_step(x_{t_{k-1}}, sc, t_{k-1}, t_k)    sc = previous x0_hat
-    output          argmax(x0_hat @ norm(E)^T) of the last step
+    x_{t_0} = F eps, K steps on the grid t_0 = 1 > ... > t_K = 0 (the engine's loop, by default
+    fastdiss.python_engine), output argmax(x0_hat @ norm(E)^T) of the last step
 
 Each sentence gets C = length_beam x noise_draws candidates (its top-b predicted lengths, each
 with n noise draws); one is chosen by MBR (mutual BLEU) or by model score. Encoder, cross-attention
@@ -16,9 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdiss import functional, resources
+from fastdiss import resources
 from fastdiss.config import DiffusionConfig, SampleConfig
-from fastdiss.schedule import alpha_sigma, time_grid
+from fastdiss.engines import make_engine
+from fastdiss.metrics import mbr_select
+from fastdiss.schedule import time_grid
 
 
 @dataclass
@@ -32,57 +33,14 @@ class GenerationResult:
     scores: torch.Tensor | None = None    # (B, C) mean token log-prob of each candidate
 
 
-def clamp_to_embeddings(model, x0_hat):
-    """Snap each x0_hat vector to its nearest (highest-logit) target embedding norm(E)[argmax]."""
-    emb = model.target_embeddings().to(x0_hat.dtype)
-    return emb[(x0_hat @ emb.t()).argmax(-1)]
-
-
-def network_time(t, time_shift: float):
-    """Time fed to the network: t + time_shift (1 - t). time_shift = 1 always feeds t = 1
-    (DINOISER's condition-enhanced sampling); 0 feeds the true time."""
-    return t + time_shift * (1.0 - t) if time_shift else t
-
-
-def denoise_step(model, x_t, sc, t_now, t_next, enc, tgt_mask=None, *, schedule="sqrt", clamp=False,
-                 time_shift=0.0):
-    """One DDIM step from t_now to t_next < t_now: a pure function of its tensor inputs.
-
-    x_t, sc: (B, L, d_e); t_now, t_next: 0-dim tensors; returns (x_{t_next}, x0_hat). The C++ loop
-    and CUDA-graph replay reproduce exactly this: network call, optional clamp, ddim_step."""
-    B, L, _ = x_t.shape
-    x0_hat = model(x_t, sc, network_time(t_now, time_shift).expand(B), enc, tgt_mask)
-    if clamp:
-        x0_hat = clamp_to_embeddings(model, x0_hat)
-    a_t, s_t = alpha_sigma(t_now, schedule)
-    a_s, s_s = alpha_sigma(t_next, schedule)
-    per_token = [v.expand(B, L).contiguous().to(x_t.dtype) for v in (a_t, s_t, a_s, s_s)]
-    return functional.ddim_step(x0_hat, x_t, *per_token), x0_hat
-
-
-def _mbr_select(candidates: list) -> int:
-    """Index of the candidate with the highest mean sentence-BLEU against the others."""
-    try:
-        from fastdiss.metrics import mbr_select
-        return mbr_select(candidates)
-    except ImportError:
-        import sacrebleu
-        best, best_score = 0, float("-inf")
-        for i, hyp in enumerate(candidates):
-            others = [c for j, c in enumerate(candidates) if j != i]
-            s = sum(sacrebleu.sentence_bleu(hyp, [o]).score for o in others) / max(1, len(others))
-            if s > best_score:
-                best, best_score = i, s
-        return best
-
-
 class Sampler:
     """Generates target token ids from source ids with a trained Denoiser.
 
-    engine: who runs the encoder and the K-step loop (fastdiss.engines): None / "python" (the loop
-    below), "cpp" (exported graphs, all steps in C++; engine_options={"export_dir": ...}),
-    "cuda-graph", or an object with encode() and denoise(). Length prediction, the seeded noise,
-    rounding and selection stay here, so every engine sees the same inputs.
+    engine: who runs the encoder and the K-step loop (fastdiss.engines): None / "python" (the eager
+    loop of fastdiss.python_engine), "cpp" (exported graphs, all steps in C++;
+    engine_options={"export_dir": ...}), "cuda-graph", or an object with encode() and denoise().
+    Length prediction, the seeded noise, the time grid, rounding and selection stay here, so every
+    engine sees the same inputs.
 
     Memory (fastdiss.resources): a batch larger than the memory budget (memory_budget_mb, else
     $FASTDISS_GEN_MEMORY_BUDGET_MB, else the free CUDA memory; none on CPU) runs in chunks of
@@ -101,10 +59,7 @@ class Sampler:
         self.dcfg = diffusion_cfg or DiffusionConfig()
         self.memory_budget_mb = memory_budget_mb
         self.split_oversize = split_oversize
-        self.engine = None
-        if engine is not None or engine_options:
-            from fastdiss.engines import make_engine
-            self.engine = make_engine(engine, model, self.dcfg, **(engine_options or {}))
+        self.engine = make_engine(engine, model, self.dcfg, **(engine_options or {}))
 
     def _lengths(self, enc, length_beam: int):
         """Top-b predicted lengths per sentence, (B, b), restricted to 1..cap."""
@@ -147,7 +102,6 @@ class Sampler:
         model, device = self.model, src.device
         B, Ls = src.shape
         engine = self.engine
-        encode = engine.encode if engine is not None else model.encode
         if lengths is not None:
             given = torch.as_tensor(lengths, device=device).long().view(B, 1)
             if int(given.min()) < 1 or int(given.max()) > model.cfg.max_len:
@@ -158,7 +112,7 @@ class Sampler:
 
         # 1. encoder + target lengths, in chunks of sentences when the batch exceeds the budget
         def lengths_of(i, j):
-            enc = encode(src[i:j], src_mask[i:j])
+            enc = engine.encode(src[i:j], src_mask[i:j])
             if j - i == B:
                 whole["enc"] = enc
             return given[i:j] if lengths is not None else self._lengths(enc, b)
@@ -181,21 +135,12 @@ class Sampler:
         def decode(i, j):
             enc = whole.pop("enc", None) if j - i == B else None
             if enc is None:
-                enc = encode(src[i:j], src_mask[i:j])
+                enc = engine.encode(src[i:j], src_mask[i:j])
             enc = enc.repeat_interleave(C)
             rows = slice(i * C, j * C)
             x, mask = x_all[rows], tgt_mask[rows]
-            if engine is not None:
-                x, sc = engine.denoise(enc, x, mask, grid, clamp=clamp, time_shift=time_shift)
-                if self.on_step is not None:
-                    self.on_step(j - i, steps)
-            else:
-                sc = torch.zeros_like(x)
-                for k in range(steps):
-                    x, sc = denoise_step(model, x, sc, grid[k], grid[k + 1], enc, mask,
-                                         schedule=self.dcfg.schedule, clamp=clamp, time_shift=time_shift)
-                    if self.on_step is not None:
-                        self.on_step(j - i, 1)
+            on_step = None if self.on_step is None else (lambda done: self.on_step(j - i, done))
+            x, sc = engine.denoise(enc, x, mask, grid, clamp=clamp, time_shift=time_shift, on_step=on_step)
             logp = torch.log_softmax(model.logits(sc).float(), dim=-1)
             tok_logp, ids = logp.max(-1)                         # (rows, L)
             return x, tok_logp, ids
@@ -218,7 +163,7 @@ class Sampler:
             elif select == "score":
                 chosen.append(int(scores[i].argmax()))
             else:
-                chosen.append(_mbr_select([" ".join(map(str, c)) for c in cands[i]]))
+                chosen.append(mbr_select([" ".join(map(str, c)) for c in cands[i]]))
         return GenerationResult(ids=[cands[i][chosen[i]] for i in range(B)], single_ids=[c[0] for c in cands],
                                 candidates=cands, calls_per_sentence=steps * C, steps=steps, latents=x,
                                 scores=scores)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastdiss import export, sampling
+from fastdiss import export, python_engine, sampling
 from fastdiss.config import SampleConfig, preset
 from fastdiss.model import Denoiser
 from fastdiss.schedule import SCHEDULES, time_grid
@@ -102,11 +102,11 @@ def test_export_writes_a_complete_manifest(exported):
 
 
 def test_cpp_schedule_is_the_python_schedule_bit_for_bit(engine):
-    from fastdiss.cpp_engine import schedule_values
+    from fastdiss.python_engine import step_schedule
     for schedule in SCHEDULES:
         for steps, spacing, shift in ((1, "uniform", 0.0), (4, "quadratic", 0.3), (16, "sqrt", 1.0), (7, "uniform", 0.0)):
             got = engine.sampler.schedule(steps, spacing, schedule, shift)
-            want = schedule_values(time_grid(steps, spacing), schedule, shift)
+            want = step_schedule(time_grid(steps, spacing), schedule, shift)
             for name, g, w in zip(("t_net", "alpha", "sigma"), got, want):
                 assert torch.equal(g, w), f"{schedule} {spacing} K={steps} shift={shift}: {name} {g} != {w}"
 
@@ -143,8 +143,8 @@ def test_cpp_loop_matches_python_loop(exported, engine, steps, spacing, clamp, s
     x_p, sc_p = x0, torch.zeros_like(x0)
     with torch.no_grad():
         for k in range(steps):
-            x_p, sc_p = sampling.denoise_step(model, x_p, sc_p, grid[k], grid[k + 1], enc, tgt_mask,
-                                              schedule=cfg.diffusion.schedule, clamp=clamp, time_shift=shift)
+            x_p, sc_p = python_engine.denoise_step(model, x_p, sc_p, grid[k], grid[k + 1], enc, tgt_mask,
+                                                   schedule=cfg.diffusion.schedule, clamp=clamp, time_shift=shift)
     _assert_close("final latents", x_c, x_p)
     _assert_close("last x0", sc_c, sc_p)
     ids_c, _ = engine.sampler.round(sc_c)

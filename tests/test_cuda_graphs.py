@@ -9,7 +9,7 @@ import torch
 from fastdiss import cuda_graphs
 from fastdiss.config import preset
 from fastdiss.cuda_graphs import CUDAGraphEngine, bucket_batch, bucket_length
-from fastdiss.engines import PythonEngine
+from fastdiss.python_engine import PythonEngine
 from fastdiss.model import Denoiser
 from fastdiss.schedule import time_grid
 

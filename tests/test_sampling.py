@@ -5,7 +5,8 @@ import torch
 
 from fastdiss.config import DiffusionConfig, ModelConfig, SampleConfig, preset
 from fastdiss.model import Denoiser, per_token_time
-from fastdiss.sampling import GenerationResult, Sampler, clamp_to_embeddings, denoise_step, pad_batch
+from fastdiss.python_engine import clamp_to_embeddings, denoise_step
+from fastdiss.sampling import GenerationResult, Sampler, pad_batch
 from fastdiss.schedule import alpha_sigma, time_grid
 
 V, PAD = 21, 0
@@ -207,7 +208,7 @@ def test_bad_arguments():
 
 
 def test_engine_object_sees_the_samplers_inputs():
-    from fastdiss.engines import PythonEngine
+    from fastdiss.python_engine import PythonEngine
 
     class Counting(PythonEngine):
         calls = 0
@@ -227,3 +228,23 @@ def test_engine_object_sees_the_samplers_inputs():
     assert Counting.calls == 1
     with pytest.raises(ValueError, match="engine"):
         Sampler(model, cfg, dcfg, engine="rocket")
+
+
+def test_progress_hook_sees_every_step():
+    """The default (Python) engine reports each step; an engine that runs all steps at once reports K."""
+    from fastdiss.python_engine import PythonEngine
+
+    class AllAtOnce(PythonEngine):
+        def denoise(self, enc, x, tgt_mask, grid, *, on_step=None, **kw):
+            out = super().denoise(enc, x, tgt_mask, grid, **kw)
+            on_step(grid.numel() - 1)
+            return out
+
+    model = tiny()
+    src, src_mask = sources()
+    for engine, want in ((None, [(3, 1)] * 4), (AllAtOnce(model, DiffusionConfig()), [(3, 4)])):
+        s = Sampler(model, SampleConfig(length_beam=1), engine=engine)
+        seen = []
+        s.on_step = lambda sentences, steps: seen.append((sentences, steps))
+        s.generate(src, src_mask, 4)
+        assert seen == want

@@ -41,7 +41,7 @@ struct ExportInfo {
   std::string device = "cpu";
 };
 
-// Per-step values of a K-step grid, computed exactly as fastdiss/sampling.py does (one 0-dim
+// Per-step values of a K-step grid, computed exactly as fastdiss/python_engine.py does (one 0-dim
 // tensor op chain per grid point): t_net (K,) network times, alpha / sigma (K+1,) at the grid points.
 struct StepSchedule {
   at::Tensor t_net, alpha, sigma;
