@@ -6,19 +6,19 @@ state needed for an exact resume (optimizer, step, data position, RNG states). I
 tensors, dicts, lists, strings and numbers, so it loads with torch.load(weights_only=True): opening
 a checkpoint never runs code from the file.
 
-Writes are atomic (temporary file in the same folder, flush, fsync, os.replace): a crash or a
-kill at any moment leaves either the old file or the new one, never a torn one.
+Writes are atomic (fastdiss.atomic): a crash or a kill at any moment leaves either the old file or
+the new one, never a torn one.
 """
 from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 
 import torch
 
+from fastdiss.atomic import write_bytes, write_with
 from fastdiss.config import Config
 
 FORMAT = "fastdiss-checkpoint"
@@ -70,45 +70,9 @@ def _cpu_state(module_or_state):
     return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    """torch.save to a temporary file next to `path`, flush + fsync, then os.replace."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def atomic_write_bytes(data: bytes, path: str) -> None:
-    atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write(path: str, write) -> None:
-    """write(file) into a temporary file next to `path` (named PATH.XXXXXX.tmp), flush + fsync, then
-    os.replace: readers see the old file or the new one, never a torn one."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    """Kept for callers of the old name (train.py's log trim); new code calls fastdiss.atomic.write_bytes."""
+    write_bytes(path, data)
 
 
 def save(path, model, cfg: Config, tokenizer, extra: dict | None = None, *, ema=None, train_state=None,
@@ -133,7 +97,7 @@ def save(path, model, cfg: Config, tokenizer, extra: dict | None = None, *, ema=
         "extra": dict(extra or {}),
         "train_state": train_state,
     }
-    atomic_torch_save(payload, path)
+    write_with(path, lambda f: torch.save(payload, f))
 
 
 def build_model(kind: str, cfg: Config, model_args: dict):
@@ -151,10 +115,7 @@ def build_model(kind: str, cfg: Config, model_args: dict):
 def _load_tokenizer(s):
     if s is None:
         return None
-    try:
-        from fastdiss.data.tokenizer import Tokenizer
-    except ImportError:  # data package not available: hand back the JSON string
-        return s
+    from fastdiss.data.tokenizer import Tokenizer
     return Tokenizer.from_json_str(s)
 
 

@@ -41,13 +41,13 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn as nn
+
+from fastdiss.atomic import write_bytes, write_with
 
 FORMAT = "fastdiss-aoti"
 FORMAT_VERSION = 1
@@ -114,16 +114,13 @@ class DecoderGraph(nn.Module):
 
 @contextlib.contextmanager
 def _export_mode():
-    """Backend 'torch' (no Python custom ops in the graph) and no data-dependent id range check:
-    Denoiser.encode checks src ids with int(src.min()), which has no value while tracing; the C++
-    sampler checks the range itself before every run."""
+    """Backend 'torch': no Python custom ops in the graph. (Denoiser.encode traces no id range check
+    either: the C++ sampler checks the range itself before every run.)"""
     import fastdiss
-    from fastdiss import model as model_mod
     previous = fastdiss.get_backend()
     fastdiss.set_backend("torch")
     try:
-        with mock.patch.object(model_mod, "_check_ids", lambda name, ids, vocab_size: None):
-            yield
+        yield
     finally:
         fastdiss.set_backend(previous)
 
@@ -180,20 +177,6 @@ def _compile(program, path: Path, metadata: dict | None = None) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def manifest_for(model, diffusion_cfg, sample_cfg=None, device="cpu") -> dict:
@@ -253,13 +236,13 @@ def export_denoiser(model, diffusion_cfg, out_dir, sample_cfg=None, device=None,
                 print(f"[export] AOTInductor {name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         with torch.no_grad(), _export_mode():
             emb = model.target_embeddings().detach().to("cpu").contiguous().clone()
-        _atomic_write_bytes(out / EMBEDDING_FILE, lambda f: torch.save(emb, f))
+        write_with(out / EMBEDDING_FILE, lambda f: torch.save(emb, f))
         manifest = {**manifest, "files": {name: {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size}
                                           for name in (ENCODER_FILE, DECODER_FILE, EMBEDDING_FILE)}}
         if source is not None:
             manifest["checkpoint"] = dict(source)
         text = json.dumps(manifest, indent=1) + "\n"
-        _atomic_write_bytes(out / MANIFEST_FILE, lambda f: f.write(text.encode()))
+        write_bytes(out / MANIFEST_FILE, text.encode())
     finally:
         model.train(was_training)
     return manifest

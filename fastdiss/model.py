@@ -269,6 +269,8 @@ class Denoiser(nn.Module):
                 if m.padding_idx is not None:
                     with torch.no_grad():
                         m.weight[m.padding_idx].zero_()
+        if self.cfg.balanced_input and self.cfg.src_copy != "none":  # the copy enters at unit gain
+            nn.init.normal_(self.copy_proj.weight, std=self.cfg.d_model ** -0.5)
         if self.cfg.share_embeddings:  # unit-scale source token vectors, like the unshared path
             nn.init.normal_(self.encoder.embed_up.weight, std=self.cfg.d_latent ** -0.5)
 
@@ -354,6 +356,8 @@ class Denoiser(nn.Module):
         t = per_token_time(t, B, L).to(x_t.device)
         if sc is None:
             sc = torch.zeros_like(x_t)
+        if self.cfg.balanced_input:
+            x_t = x_t * torch.rsqrt(x_t.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x_t.dtype)
         add = self.time_embedding(t) + self.tgt_pos[:L]
         if self.cfg.src_copy != "none":
             add = add + self.source_copy(enc, tgt_mask, B, L)
@@ -388,15 +392,24 @@ def per_token_time(t, B: int, L: int):
 
 
 def _check_ids(name, ids, vocab_size):
+    """Type and shape always; the id range only where reading it is free: on CPU tensors, outside
+    tracing. On a GPU, int(ids.max()) would stall the host on every call, so the range is asserted
+    on the device (asynchronously); torch.compile / torch.export trace no value check at all (the
+    C++ sampler checks ids itself)."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must hold integer token ids (int64), got dtype {ids.dtype}")
     if ids.dim() != 2:
         raise ValueError(f"{name} must have shape (batch, length), got {tuple(ids.shape)}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(f"{name} holds ids in [{int(ids.min())}, {int(ids.max())}], outside the vocabulary "
-                         f"[0, {vocab_size})")
+    if ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if ids.device.type != "cpu":
+        torch._assert_async(((ids >= 0) & (ids < vocab_size)).all(), f"{name} holds ids outside [0, {vocab_size})")
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{name} holds ids in [{lo}, {hi}], outside the vocabulary [0, {vocab_size})")
 
 
 def _check_mask(name, mask, shape):

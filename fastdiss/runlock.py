@@ -97,9 +97,9 @@ def hold_if_rank0(out_dir: str):
     return hold(out_dir) if is_rank0() else contextlib.nullcontext()
 
 
-# the temporary names of checkpoint.atomic_write (NAME.XXXXXX.tmp) and of the CLI's text writes
-# (.NAME.PID.tmp) for the files a training writes
-_LEFTOVER_PATTERNS = ("*.pt.*.tmp", "*.jsonl.*.tmp", ".*.json.*.tmp")
+# the temporary names of fastdiss.atomic (.NAME.XXXXXX.tmp: checkpoints, the log, the CLI's run.json)
+# for the files a training writes, and those of releases before it (NAME.XXXXXX.tmp)
+_LEFTOVER_PATTERNS = (".*.pt.*.tmp", ".*.jsonl.*.tmp", ".*.json.*.tmp", "*.pt.*.tmp", "*.jsonl.*.tmp")
 
 
 def remove_leftovers(out_dir: str) -> list[str]:
