@@ -121,8 +121,8 @@ def machine_info(device: torch.device) -> dict:
     except (AttributeError, OSError):
         affinity = None
     try:
-        from fastdiss import _backend
-        backend = _backend.get_backend()
+        import fastdiss
+        backend = fastdiss.get_backend()
     except Exception:
         backend = None
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from fastdiss._backend import get_backend, set_backend  # noqa: E402
+from fastdiss.kernels._backend import get_backend, set_backend  # noqa: E402
 from fastdiss import _ext  # noqa: E402,F401  (loads fastdiss._C if built; `fastdiss env` reports it)
 from fastdiss import functional  # noqa: E402,F401
 from fastdiss import nn  # noqa: E402,F401  (fastdiss.nn after `import fastdiss`, like torch.nn)

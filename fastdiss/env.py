@@ -35,7 +35,8 @@ def _has_kernel(op: str, key: str) -> bool:
 
 def op_implementations() -> dict[str, dict[str, str]]:
     """{op: {"cpu": description, "cuda": description}} for the current backend and build."""
-    from fastdiss import _backend, _ext
+    from fastdiss import _ext
+    from fastdiss.kernels import _backend
 
     try:
         import fastdiss.kernels  # noqa: F401  (registers the Triton custom ops)
@@ -72,7 +73,8 @@ def collect() -> dict:
     import torch
 
     import fastdiss
-    from fastdiss import _backend, _ext
+    from fastdiss import _ext
+    from fastdiss.kernels import _backend
 
     try:
         import triton

@@ -1,7 +1,5 @@
-"""Small helpers shared by the kernels: interpreter flag, block sizes, input checks."""
+"""Small helpers shared by the kernels: block sizes, input checks, whether triton is installed."""
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -12,10 +10,6 @@ try:
 except Exception:  # triton missing: ops fall back to their PyTorch references
     triton = None
     HAS_TRITON = False
-
-
-def is_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def next_pow2(n: int) -> int:

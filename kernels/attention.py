@@ -41,9 +41,9 @@ from typing import Optional
 
 import torch
 
-from fastdiss import _backend
+from . import _backend
 
-from ._utils import FLOAT_DTYPES, HAS_TRITON, check_tensor, is_interpret, next_pow2
+from ._utils import FLOAT_DTYPES, HAS_TRITON, check_tensor, next_pow2
 
 if HAS_TRITON:
     import triton
@@ -424,7 +424,7 @@ def _fwd_config(Lq: int, head_dim: int):
     GPU (swept on an H200, bf16 with padding masks, L = 32..1024): 64x64 tiles, 4 warps, 3 stages was
     fastest for head dims 64 and 128; 128x64 tiles were 15-25% slower at L >= 512, 8 warps up to 2x
     slower. Short query sets get smaller query tiles."""
-    if is_interpret():
+    if _backend.interpreter_enabled():
         return 16, 16, 1, 1
     return min(64, max(16, next_pow2(Lq))), 64, 4, 3
 
@@ -434,7 +434,7 @@ def _bwd_config(head_dim: int):
     GPU: 64x64, 4 warps, 2 stages was fastest on an H200 for head dims 64 and 128 (8 warps: 2.2x slower
     at head dim 128), timed before the dK/dV kernel moved to transposed tiles. BLOCK_M=32 < BLOCK_N,
     which gave wrong dK/dV then, is valid now (module notes); tests/test_attention.py forces it."""
-    if is_interpret():
+    if _backend.interpreter_enabled():
         return 16, 16, 1, 1
     return 64, 64, 4, 2
 
@@ -470,7 +470,7 @@ def attention_forward_triton(q, k, v, key_padding_mask, is_causal, scale):
         H, Lq, Lk, D, scale * _LOG2E,
         HAS_MASK=key_padding_mask is not None, IS_CAUSAL=bool(is_causal),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
-        DOT_F32=is_interpret(), PRECISION=_precision(q.dtype),
+        DOT_F32=_backend.interpreter_enabled(), PRECISION=_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return o, lse
@@ -489,7 +489,7 @@ def attention_backward_triton(do, q, k, v, o, lse, key_padding_mask, is_causal, 
     mask, smb, smn = _mask_args(key_padding_mask, q)
     common = dict(HAS_MASK=key_padding_mask is not None, IS_CAUSAL=bool(is_causal),
                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                  DOT_F32=is_interpret(), PRECISION=_precision(q.dtype),
+                  DOT_F32=_backend.interpreter_enabled(), PRECISION=_precision(q.dtype),
                   num_warps=num_warps, num_stages=num_stages)
 
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastdiss import _backend
+from . import _backend
 
 from ._utils import FLOAT_DTYPES, HAS_TRITON, check_tensor, max_programs, next_pow2, num_warps_for
 

@@ -38,9 +38,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastdiss import _backend
-from fastdiss import schedule as _schedule
-from fastdiss.schedule import alpha_sigma, check_schedule
+from . import _backend
+from . import schedule as _schedule
+from .schedule import alpha_sigma, check_schedule
 
 from ._utils import FLOAT_DTYPES, HAS_TRITON, check_tensor, max_programs, next_pow2, num_warps_for
 

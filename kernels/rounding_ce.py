@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastdiss import _backend
-from ._utils import FLOAT_DTYPES, HAS_TRITON, check_tensor, is_interpret
+from . import _backend
+from ._utils import FLOAT_DTYPES, HAS_TRITON, check_tensor
 
 if HAS_TRITON:
     import triton
@@ -128,7 +128,7 @@ def _gpu_config(dtype: torch.dtype) -> dict:
 
 def _config(dtype: torch.dtype) -> dict:
     """Tiny tiles under the interpreter (its cost is per program step), else the GPU tiles."""
-    if is_interpret():
+    if _backend.interpreter_enabled():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
     return _gpu_config(dtype)
 
@@ -177,7 +177,7 @@ def _triton_forward(x, embedding, targets, ignore_index: int, num_splits: int | 
     lse_part = torch.empty(num_splits, N, device=x.device, dtype=torch.float32)
     _ce_lse_fwd_kernel[(grid_m, num_splits)](
         x, embedding, lse_part, N, V, D, x.stride(0), embedding.stride(0), cols_per_split,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], UPCAST=is_interpret(),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], UPCAST=_backend.interpreter_enabled(),
         PRECISION=_precision(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     lse = lse_part[0] if num_splits == 1 else torch.logsumexp(lse_part, dim=0)
     loss = torch.where(targets != ignore_index, lse - _target_logits(x, embedding, targets), 0.0)
@@ -205,7 +205,7 @@ def _triton_backward(grad_loss, x, embedding, targets, lse, ignore_index: int, c
         _ce_dlogits_kernel[(triton.cdiv(N, bm), triton.cdiv(w, bn))](
             x, embedding, lse, targets, scale, dl_buf, N, V, D, v0, w,
             x.stride(0), embedding.stride(0), dl_buf.stride(0),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], UPCAST=is_interpret(),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], UPCAST=_backend.interpreter_enabled(),
             PRECISION=_precision(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         dl = dl_buf[:, :w]
         e_chunk = embedding[v0:v0 + w]

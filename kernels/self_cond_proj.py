@@ -30,9 +30,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastdiss import _backend
+from . import _backend
 
-from ._utils import FLOAT_DTYPES, HAS_TRITON, check_tensor, is_interpret, next_pow2
+from ._utils import FLOAT_DTYPES, HAS_TRITON, check_tensor, next_pow2
 
 if HAS_TRITON:
     import triton
@@ -141,7 +141,7 @@ _INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
 
 
 def _config(dtype: torch.dtype) -> dict:
-    if is_interpret():
+    if _backend.interpreter_enabled():
         return _INTERPRET_CONFIG
     return _GPU_CONFIG["fp32" if dtype == torch.float32 else "half"]
 
@@ -194,7 +194,7 @@ def self_cond_project_triton(x_t, sc, weight, bias=None, add=None, block_sizes: 
     _sc_proj_fwd_kernel[grid](
         x2, s2, weight, bias if bias is not None else x2, add if add is not None else x2, y,
         M, N, d, L, weight.stride(0), s_ab, s_al, s_an,
-        HAS_BIAS=bias is not None, HAS_ADD=add is not None, UPCAST=is_interpret(),
+        HAS_BIAS=bias is not None, HAS_ADD=add is not None, UPCAST=_backend.interpreter_enabled(),
         PRECISION=_precision(x_t.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y

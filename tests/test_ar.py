@@ -252,7 +252,7 @@ def test_kv_cache_decoding_through_the_triton_kernels():
     """backend 'triton' (the interpreter on CPU): the cached decoder feeds strided K/V views of the
     cache to the attention kernel; ids and scores must match the PyTorch path."""
     import fastdiss
-    from fastdiss import _backend
+    from fastdiss.kernels import _backend
     if not (_backend.triton_available() and _backend.interpreter_enabled()):
         pytest.skip("needs triton with TRITON_INTERPRET=1 (set by conftest on machines without CUDA)")
     m = _model(vocab=9, dtype=torch.float32, d_model=16, n_heads=2, d_ff=32, n_enc=1, n_dec=1)

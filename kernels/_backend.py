@@ -5,12 +5,15 @@
           which must be switched on (TRITON_INTERPRET=1) before fastdiss is imported.
 `torch`:  the pure-PyTorch reference everywhere.
 Set with `fastdiss.set_backend(...)` or the environment variable FASTDISS_BACKEND.
+It lives in the kernel package because the ops read it; fastdiss re-exports set_backend/get_backend.
 """
 from __future__ import annotations
 
 import os
 
 import torch
+
+from ._utils import HAS_TRITON
 
 BACKENDS = ("auto", "triton", "torch")
 _backend = os.environ.get("FASTDISS_BACKEND", "auto").strip().lower() or "auto"
@@ -23,11 +26,7 @@ def interpreter_enabled() -> bool:
 
 
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    return HAS_TRITON
 
 
 def set_backend(name: str) -> None:
@@ -36,7 +35,7 @@ def set_backend(name: str) -> None:
     name = str(name).strip().lower()
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    if name == "triton" and not triton_available():
+    if name == "triton" and not HAS_TRITON:
         raise RuntimeError("backend 'triton' needs the triton package: pip install triton==3.7.1")
     _backend = name
 
@@ -47,7 +46,7 @@ def get_backend() -> str:
 
 def use_triton(t: torch.Tensor) -> bool:
     """True if an op on tensor `t` should launch the Triton kernel (else: PyTorch reference)."""
-    if _backend == "torch" or not triton_available():
+    if _backend == "torch" or not HAS_TRITON:
         return False
     if t.device.type == "cuda":
         return True
