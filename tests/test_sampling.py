@@ -248,3 +248,20 @@ def test_progress_hook_sees_every_step():
         s.on_step = lambda sentences, steps: seen.append((sentences, steps))
         s.generate(src, src_mask, 4)
         assert seen == want
+
+
+@pytest.mark.parametrize("schedule,spacing,shift", [("sqrt", "uniform", 0.0), ("cosine", "quadratic", 0.3),
+                                                    ("vp-linear", "sqrt", 1.0)])
+def test_step_schedule_tables_match_the_schedule(schedule, spacing, shift):
+    """The tables the C++ loop receives: network time per step, alpha / sigma per grid point,
+    against the schedule evaluated on the whole grid at once in float64."""
+    from fastdiss.python_engine import step_schedule
+    grid = time_grid(5, spacing)
+    t_net, alpha, sigma = step_schedule(grid, schedule, shift)
+    g = grid.double()
+    a, s = alpha_sigma(g, schedule)
+    assert t_net.dtype == alpha.dtype == sigma.dtype == torch.float32
+    torch.testing.assert_close(t_net.double(), g[:-1] + shift * (1 - g[:-1]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(alpha.double(), a, atol=1e-6, rtol=0)
+    # sigma near t = 0 is sqrt of a float32 difference of numbers close to 1: compare its square
+    torch.testing.assert_close(sigma.double() ** 2, s ** 2, atol=1e-6, rtol=0)
