@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import common, quality
+from fastdiss.evaluate import score
 
 IDENTITY_NOTE = "copying the source unchanged (the identity baseline)"
 VARIANTS = {  # name -> config overrides on top of the preset (which carries the new default recipe)
@@ -62,7 +62,7 @@ def _log(msg: str) -> None:
 def identity_scores(data) -> dict:
     """BLEU/chrF of copying the source unchanged: the floor any kjv2web result must be read against."""
     srcs = [data.tokenizer.decode(s) for s in data.test_src]
-    return quality.score(srcs, data.test_ref)
+    return score(srcs, data.test_ref)
 
 
 def load_distilled(path: str, tokenizer, max_len: int) -> list:
@@ -73,6 +73,8 @@ def load_distilled(path: str, tokenizer, max_len: int) -> list:
 
 
 def evaluate(model, cfg, kind, data, device, steps: int, time_shift: float | None = None) -> dict:
+    """One curve point's scores (fastdiss.evaluate through benchmarks.quality): AR greedy, or diffusion
+    with one candidate (top-1 length, one noise draw), optionally with another sample.time_shift."""
     if kind == "ar":
         return quality.eval_ar(model, data, 1, device, batch_size=96)
     if time_shift is not None:

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import common
+from fastdiss.evaluate import evenly_spaced, generate, score
 
 VARIANTS = {  # name -> DiffusionConfig switches
     "plain": {"scp": False, "mans": False},
@@ -123,13 +124,6 @@ def _fits(pairs, tok, max_len):
     return [(p, s, t) for p, s, t in zip(pairs, s_ids, t_ids) if 0 < len(s) <= max_len and 0 < len(t) <= max_len]
 
 
-def test_subset(n_total: int, n: int) -> list[int]:
-    """n indices spread evenly over the split (every part of the book, not just its start); all if n <= 0."""
-    if n <= 0 or n >= n_total:
-        return list(range(n_total))
-    return [int(i * n_total / n) for i in range(n)]
-
-
 def load_task(name: str, max_len: int, n_test: int, n_train: int, work_dir: Path, download: bool) -> TaskData:
     if name in EMBEDDED_TASKS:
         from fastdiss.data.corpus import TASK_SPECS, load_pairs, load_tokenizer
@@ -144,7 +138,7 @@ def load_task(name: str, max_len: int, n_test: int, n_train: int, work_dir: Path
     if n_train > 0:
         train = train[:n_train]
     test = _fits(test_pairs, tok, max_len)
-    idx = test_subset(len(test), n_test)
+    idx = evenly_spaced(len(test), n_test)
     test_src = [test[i][1] for i in idx]
     test_ref = [test[i][0][1] for i in idx]
     digest = hashlib.sha1("\n".join(test[i][0][0] + "\t" + test[i][0][1] for i in idx).encode()).hexdigest()
@@ -201,12 +195,16 @@ def make_config(preset: str, overrides: dict, variant: str | None, seed: int, st
 
 # ----------------------------------------------------------------------------- training
 
+SAVE_EVERY_S = 60.0   # training time between two writes of a run's last.pt
+
+
 def train_run(cfg, kind: str, data: TaskData, run_dir: Path, max_steps: int | None, max_seconds: float | None,
               device, log=print):
     """Train (or resume) one model to max_steps or max_seconds of training time; return (model, info).
 
-    The checkpoint run_dir/last.pt (with the training state) is written about once a minute and at
-    the end, so an interrupted run resumes where it stopped; its extra field keeps the training time."""
+    Trainer.fit runs in pieces of at most SAVE_EVERY_S seconds (fit's max_seconds); after each one
+    run_dir/last.pt is written with the training state and, in its extra field, the training time so
+    far, so an interrupted run resumes where it stopped and its time budget counts what was spent."""
     from fastdiss import checkpoint as ckpt
     from fastdiss.train import Trainer, build_model
     torch.manual_seed(cfg.train.seed)
@@ -219,19 +217,16 @@ def train_run(cfg, kind: str, data: TaskData, run_dir: Path, max_steps: int | No
         spent = float(ckpt.read_payload(last).get("extra", {}).get("train_seconds", 0.0))
         log(f"    resumed at step {trainer.step} ({spent:.0f} s of training done)")
     step_cap = max_steps or 10 ** 12
-    chunk = 10 if max_seconds else max(1, min(step_cap, 50))
-    last_save = time.perf_counter()
 
     def finished():
         return trainer.step >= step_cap or (max_seconds is not None and spent >= max_seconds)
 
     while not finished():
+        piece = SAVE_EVERY_S if max_seconds is None else min(SAVE_EVERY_S, max_seconds - spent)
         t0 = time.perf_counter()
-        trainer.fit(data.train, None, max_steps=min(step_cap, trainer.step + chunk))
+        trainer.fit(data.train, None, max_steps=step_cap, max_seconds=piece)
         spent += time.perf_counter() - t0
-        if time.perf_counter() - last_save > 60 or finished():
-            trainer.save(str(last), extra={"train_seconds": spent, "step": trainer.step})
-            last_save = time.perf_counter()
+        trainer.save(str(last), extra={"train_seconds": spent, "step": trainer.step})
     if not last.is_file():
         trainer.save(str(last), extra={"train_seconds": spent, "step": trainer.step})
     losses = [h for h in trainer.history if "loss" in h]
@@ -248,52 +243,27 @@ def train_run(cfg, kind: str, data: TaskData, run_dir: Path, max_steps: int | No
 
 # ----------------------------------------------------------------------------- evaluation
 
-def score(hyps: list[str], refs: list[str]) -> dict:
-    from fastdiss.metrics import bleu, chrf
-    b, b_sig = bleu(hyps, refs)
-    c, c_sig = chrf(hyps, refs)
-    return {"bleu": b, "chrf": c, "bleu_signature": b_sig, "chrf_signature": c_sig}
-
-
 def eval_diffusion(model, cfg, data: TaskData, steps: int, mode: str, length_beam: int, noise_draws: int,
                    seed: int, device, batch_size: int) -> dict:
     """Corpus scores of one (steps, mode) setting; mode 'single' = top-1 length, one draw."""
-    from fastdiss.sampling import Sampler
-    sampler = Sampler(model, cfg.sample, cfg.diffusion)
     b, n = (1, 1) if mode == "single" else (length_beam, noise_draws)
-    common.synchronize(device)
-    t0 = time.perf_counter()
-    res = sampler.translate(data.test_src, steps, batch_size=batch_size, device=device, length_beam=b,
-                            noise_draws=n, select="mbr", seed=seed)
-    common.synchronize(device)
-    seconds = time.perf_counter() - t0
+    res = generate(model, "diffusion", data.test_src, cfg=cfg, device=device, steps=steps, length_beam=b,
+                   noise_draws=n, select="mbr", seed=seed, batch_size=batch_size)
     hyps = [data.tokenizer.decode(ids) for ids in res.ids]
     out = {"steps": steps, "mode": mode, "length_beam": b, "noise_draws": n,
-           "calls_per_sentence": res.calls_per_sentence, "seconds": round(seconds, 3),
-           "ms_per_sentence": 1e3 * seconds / len(hyps), "examples": hyps[:2]}
+           "calls_per_sentence": res.calls_per_sentence, "seconds": round(res.seconds, 3),
+           "ms_per_sentence": 1e3 * res.seconds / len(hyps), "examples": hyps[:2]}
     out.update(score(hyps, data.test_ref))
     return out
 
 
 def eval_ar(model, data: TaskData, beam: int, device, batch_size: int) -> dict:
-    """Greedy (beam 1) or beam search; max_len per batch = min(model max_len, 2 x longest source + 10)."""
-    from fastdiss.sampling import pad_batch
-    order = sorted(range(len(data.test_src)), key=lambda i: len(data.test_src[i]))
-    hyp_ids = [None] * len(order)
-    common.synchronize(device)
-    t0 = time.perf_counter()
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        src, mask = pad_batch([data.test_src[i] for i in idx], model.pad_id, device)
-        cap = min(model.max_len, 2 * src.shape[1] + 10)
-        for i, ids in zip(idx, model.generate(src, mask, beam=beam, max_len=cap)):
-            hyp_ids[i] = ids
-    common.synchronize(device)
-    seconds = time.perf_counter() - t0
-    hyps = [data.tokenizer.decode(ids) for ids in hyp_ids]
-    out = {"decoder": "greedy" if beam == 1 else f"beam{beam}", "beam": beam, "seconds": round(seconds, 3),
-           "ms_per_sentence": 1e3 * seconds / len(hyps), "examples": hyps[:2],
-           "mean_output_tokens": sum(map(len, hyp_ids)) / len(hyp_ids)}
+    """Greedy (beam 1) or beam search, outputs capped by fastdiss.evaluate.ar_length_cap."""
+    res = generate(model, "ar", data.test_src, device=device, beam=beam, batch_size=batch_size)
+    hyps = [data.tokenizer.decode(ids) for ids in res.ids]
+    out = {"decoder": "greedy" if beam == 1 else f"beam{beam}", "beam": beam, "seconds": round(res.seconds, 3),
+           "ms_per_sentence": 1e3 * res.seconds / len(hyps), "examples": hyps[:2],
+           "mean_output_tokens": sum(map(len, res.ids)) / len(res.ids)}
     out.update(score(hyps, data.test_ref))
     return out
 

@@ -11,31 +11,24 @@ read (longer than its max_len) keep their reference, and the count is reported.
 """
 from __future__ import annotations
 
-import torch
-
 
 def distill_pairs(teacher, tokenizer, pairs: list, *, beam: int = 4, batch_size: int = 64, device="cpu",
                   progress: bool = True) -> tuple[list, int]:
-    """[(src, teacher_output)] for [(src, ref)] pairs; returns (pairs, n_kept_reference)."""
-    from tqdm.auto import tqdm
-
-    from fastdiss.sampling import pad_batch
-    max_len = teacher.max_len
+    """[(src, teacher_output)] for [(src, ref)] pairs; returns (pairs, n_kept_reference). The teacher
+    generates through fastdiss.evaluate (its AR length cap), like every evaluation of an AR model."""
+    from fastdiss.evaluate import generate
+    from fastdiss.longjobs import JobProgress
     src_ids = tokenizer.encode_batch([s for s, _ in pairs])
     out = [ref for _, ref in pairs]
-    usable = [i for i, s in enumerate(src_ids) if 0 < len(s) <= max_len]
-    order = sorted(usable, key=lambda i: len(src_ids[i]))
-    teacher = teacher.to(device).eval()
-    with torch.no_grad(), tqdm(total=len(order), desc=f"distill (beam {beam})", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            src, mask = pad_batch([src_ids[i] for i in idx], teacher.pad_id, device)
-            cap = min(max_len, 2 * src.shape[1] + 10)
-            for i, ids in zip(idx, teacher.generate(src, mask, beam=beam, max_len=cap)):
-                text = tokenizer.decode(ids).strip()
-                if text:                     # an empty output would be an unusable pair: keep the reference
-                    out[i] = text
-            bar.update(len(idx))
+    usable = [i for i, s in enumerate(src_ids) if 0 < len(s) <= teacher.max_len]
+    if usable:
+        bar = JobProgress(f"distill (beam {beam})", len(usable), None, show=progress)
+        res = generate(teacher, "ar", [src_ids[i] for i in usable], beam=beam, batch_size=batch_size, device=device,
+                       progress=bar)
+        for i, ids in zip(usable, res.ids):
+            text = tokenizer.decode(ids).strip()
+            if text:                     # an empty output would be an unusable pair: keep the reference
+                out[i] = text
     return [(s, o) for (s, _), o in zip(pairs, out)], len(pairs) - len(usable)
 
 

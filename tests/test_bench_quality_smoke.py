@@ -117,10 +117,20 @@ def test_config_overrides_are_checked():
     assert cfg.train.max_steps == 100 and cfg.train.max_tokens == 512 and cfg.train.warmup == 10
 
 
-def test_test_subset_is_spread_and_fixed():
-    assert quality.test_subset(10, 0) == list(range(10))
-    assert quality.test_subset(10, 4) == [0, 2, 5, 7]
-    assert quality.test_subset(3, 5) == [0, 1, 2]
+def test_train_run_keeps_its_time_budget_across_a_resume(tmp_path, monkeypatch):
+    """--train-minutes: Trainer.fit(max_seconds) in pieces of SAVE_EVERY_S, last.pt written after each
+    with the training time so far; a resumed run counts that time and trains no further."""
+    monkeypatch.setattr(quality, "SAVE_EVERY_S", 0.5)
+    cfg = quality.make_config("tiny", quality.parse_overrides(MICRO[1::2]), "plain", 0, None, 256, None)
+    data = quality.load_task("kjv2web", cfg.model.max_len, 2, 64, tmp_path, False)
+    run_dir = tmp_path / "run"
+    _, info = quality.train_run(cfg, "diffusion", data, run_dir, None, 1.5, "cpu", log=lambda msg: None)
+    assert info["seconds"] >= 1.5 and info["steps"] > 0
+    from fastdiss import checkpoint
+    extra = checkpoint.read_payload(run_dir / "last.pt")["extra"]
+    assert extra["step"] == info["steps"] and extra["train_seconds"] == pytest.approx(info["seconds"], abs=0.01)
+    _, again = quality.train_run(cfg, "diffusion", data, run_dir, None, 1.5, "cpu", log=lambda msg: None)
+    assert again["steps"] == info["steps"] and again["seconds"] == info["seconds"]
 
 
 def test_headline_fewest_steps_on_known_numbers():
