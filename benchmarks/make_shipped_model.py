@@ -23,8 +23,9 @@ SIZE_LIMIT = 10 * 1024 * 1024
 
 
 def valid_bleu(ck, task: str) -> float:
-    from fastdiss.cli import encode_sources, evaluate_rows
     from fastdiss.data import corpus
+    from fastdiss.evaluate import evaluate_rows
+    from fastdiss.userio import encode_sources
     pairs = corpus.load_pairs(task, "valid")
     srcs = encode_sources(ck.tokenizer, [s for s, _ in pairs], int(ck.cfg.model.max_len))
     settings = [4] if ck.kind == "diffusion" else [1]

@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import sys
 
 DEMO_STEPS = (1, 2, 4, 8, 16, 1000)
 TASKS = {"elb2web": ("elb2web-tiny", "elb2web-tiny-ar"), "kjv2web": ("kjv2web-tiny", "kjv2web-tiny-ar")}
@@ -25,24 +24,24 @@ MAX_SUBSET_TOKENS = 32   # subset sentences have at most this many source tokens
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from fastdiss.cli import _device, _int_list, _positive_float, _positive_int
+    from fastdiss.argtypes import device, int_list, positive_float, positive_int
     p.add_argument("--task", choices=("all", *TASKS), default="all", help="which shipped task(s) to show (default all)")
     p.add_argument("--model", default=None,
                    help="with --task: a model folder or checkpoint instead of the shipped one (no AR row then)")
-    p.add_argument("--sentences", type=_positive_int, default=48, help="size of the fixed test subset (default 48)")
+    p.add_argument("--sentences", type=positive_int, default=48, help="size of the fixed test subset (default 48)")
     p.add_argument("--examples", type=int, default=3, help="example translations to print (default 3)")
-    p.add_argument("--steps", type=_int_list, default=list(DEMO_STEPS), metavar="K[,K...]",
+    p.add_argument("--steps", type=int_list, default=list(DEMO_STEPS), metavar="K[,K...]",
                    help="step counts of the table (default 1,2,4,8,16,1000)")
     p.add_argument("--no-ar", action="store_true", help="skip the AR peer's row")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: chosen from the free cores, see the first line)")
     p.add_argument("--retrain", action="store_true", help="train the diffusion model from scratch first")
-    p.add_argument("--train-steps", type=_positive_int, default=None,
+    p.add_argument("--train-steps", type=positive_int, default=None,
                    help="with --retrain: optimizer steps (default: the shipped model's)")
-    p.add_argument("--minutes", type=_positive_float, default=None, help="with --retrain: a wall-clock budget")
+    p.add_argument("--minutes", type=positive_float, default=None, help="with --retrain: a wall-clock budget")
     p.add_argument("--out", default=os.path.join("runs", "demo"), help="with --retrain: output folder")
     p.add_argument("--seed", type=int, default=0, help="sampling (and training) seed (default 0)")
-    p.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda, auto")
+    p.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda, auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--save", default=None, metavar="PATH",
                    help="also write the table, examples and machine as JSON (what the README's demo section is made from)")
@@ -64,17 +63,17 @@ def choose_threads(requested: int | None = None) -> tuple[int, str]:
     return free, f"{free} torch thread(s): {cores} core(s), load average {load:.1f}"
 
 
-def test_subset(pairs: list, n: int, tokenizer, max_tokens: int = MAX_SUBSET_TOKENS) -> list:
-    """n pairs spread evenly over the split, always the same ones, sources of at most max_tokens tokens."""
+def demo_subset(pairs: list, n: int, tokenizer, max_tokens: int = MAX_SUBSET_TOKENS) -> list:
+    """n pairs spread evenly over the split, always the same ones, sources of at most max_tokens tokens
+    (short sentences keep the demo to minutes on a CPU)."""
+    from fastdiss.evaluate import evenly_spaced
     pairs = [p for p in pairs if len(tokenizer.encode(p[0])) <= max_tokens]
-    if n >= len(pairs):
-        return list(pairs)
-    return [pairs[int(i * len(pairs) / n)] for i in range(n)]
+    return [pairs[i] for i in evenly_spaced(len(pairs), n)]
 
 
 def retrain(args, ck, task: str) -> str:
     """Train the shipped model's recipe from scratch into args.out; returns the checkpoint path."""
-    from fastdiss.cli import run_training
+    from fastdiss.commands.train import train_into
     from fastdiss.config import Config
     from fastdiss.data import corpus
     from fastdiss.data.batching import encode_pairs
@@ -100,7 +99,7 @@ def retrain(args, ck, task: str) -> str:
     last = os.path.join(out, "last.pt")
     if os.path.exists(last):
         os.remove(last)
-    run_training(cfg, train_enc, valid_enc, tok, out, "diffusion", max_steps=steps, minutes=args.minutes,
+    train_into(cfg, train_enc, valid_enc, tok, out, "diffusion", max_steps=steps, minutes=args.minutes,
                  device=args.device, progress=not args.quiet)
     return last
 
@@ -108,7 +107,7 @@ def retrain(args, ck, task: str) -> str:
 def run(args) -> int:
     import torch
 
-    from fastdiss.cli import CLIError
+    from fastdiss.userio import CLIError
 
     threads, why = choose_threads(args.threads)
     torch.set_num_threads(threads)
@@ -125,9 +124,9 @@ def run(args) -> int:
 
 def run_task(args, task: str, threads_note: str) -> dict:
     from fastdiss import pretrained
-    from fastdiss.cli import encode_sources, evaluate_rows, load_checkpoint, one_line
     from fastdiss.data import corpus
-    from fastdiss.metrics import bleu, chrf
+    from fastdiss.evaluate import evaluate_rows, evenly_spaced, score
+    from fastdiss.userio import encode_sources, load_checkpoint, one_line
 
     device = args.device
     model_name, ar_name = TASKS[task]
@@ -141,7 +140,7 @@ def run_task(args, task: str, threads_note: str) -> dict:
               f"{prov.get('train_steps', '?')} training steps, {prov.get('train_hours', 0):.2f} h on "
               f"{prov.get('machine', {}).get('cpu', '?') if isinstance(prov.get('machine'), dict) else prov.get('machine')}"
               f"; trained on {prov.get('train_data', '?')})")
-    pairs = test_subset(corpus.load_pairs(task, "test"), args.sentences, ck.tokenizer)
+    pairs = demo_subset(corpus.load_pairs(task, "test"), args.sentences, ck.tokenizer)
     refs = [t for _, t in pairs]
     sources = encode_sources(ck.tokenizer, [s for s, _ in pairs], int(ck.cfg.model.max_len))
     print(f"translating {len(pairs)} fixed test sentences (John) with one candidate each "
@@ -149,18 +148,17 @@ def run_task(args, task: str, threads_note: str) -> dict:
     rows, sigs = evaluate_rows(ck, sources, refs, args.steps, device=device, length_beam=1, noise_draws=1,
                                select="score", seed=args.seed)
     ar_row = None
-    ar_path = pretrained.shipped_path(ar_name)
-    if not args.no_ar and args.model is None and ar_path.is_dir():
-        ar = load_checkpoint(str(ar_path), device)
+    if not args.no_ar and args.model is None:
+        ar = load_checkpoint(str(pretrained.shipped_path(ar_name)), device)
         ar_row = evaluate_rows(ar, encode_sources(ar.tokenizer, [s for s, _ in pairs], int(ar.cfg.model.max_len)),
                                refs, [1], device=device)[0][0]
-    identity = {"bleu": bleu([s for s, _ in pairs], refs)[0], "chrf": chrf([s for s, _ in pairs], refs)[0]}
+    identity = {k: v for k, v in score([s for s, _ in pairs], refs).items() if k in ("bleu", "chrf")}
 
     by_steps = {r["steps"]: r for r in rows}
     few, many = (4 if 4 in by_steps else min(by_steps)), max(by_steps)
     shown = sorted({1, few, many} & set(by_steps))
     n_ex = max(0, min(args.examples, len(pairs)))
-    for i in [int(j * len(pairs) / n_ex) for j in range(n_ex)] if n_ex else []:
+    for i in evenly_spaced(len(pairs), n_ex) if n_ex else []:
         print(f"\nexample {i + 1}/{len(pairs)}")
         print(f"  source       : {pairs[i][0]}")
         print(f"  reference    : {pairs[i][1]}")
@@ -210,11 +208,3 @@ def format_table(task: str, rows: list, ar_row: dict | None, identity: dict, n: 
     line("identity (copy)", identity)
     return "\n".join(lines)
 
-
-def main(argv=None) -> int:
-    from fastdiss.cli import main as cli_main
-    return cli_main(["demo", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

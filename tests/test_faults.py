@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fastdiss import checkpoint as ckpt
-from fastdiss import cli, longjobs, runlock
+from fastdiss import argtypes, cli, evaluate, longjobs, runlock, userio
 from fastdiss.config import ModelConfig, preset
 from fastdiss.model import Denoiser
 
@@ -257,7 +257,7 @@ def test_damaged_gzip_data_is_one_line(capsys, tmp_path):
 
 
 def test_output_path_errors_come_before_the_generation(capsys, trained, data, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "run_generation", lambda *a, **k: pytest.fail("generated before checking -o"))
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: pytest.fail("generated before checking -o"))
     for dest, needle in ((tmp_path / "missing" / "out.txt", "does not exist"), (tmp_path, "is a directory")):
         line, _ = _error_line(capsys, ["generate", "--ckpt", str(trained), str(data / "in.txt"), "-o", str(dest)])
         assert needle in line
@@ -345,7 +345,7 @@ def test_steps_above_the_limit_are_refused_in_one_line(capsys, tmp_path):
                  ["evaluate", "--ckpt", "x.pt", "--steps", f"1,4,{longjobs.MAX_STEPS * 10}"]):
         line, out = _error_line(capsys, argv)
         assert "--steps" in line and f"limit of {longjobs.MAX_STEPS}" in line and out == ""
-    assert cli._step_count(str(longjobs.MAX_STEPS)) == longjobs.MAX_STEPS   # the limit itself is allowed
+    assert argtypes.step_count(str(longjobs.MAX_STEPS)) == longjobs.MAX_STEPS   # the limit itself is allowed
 
 
 def test_short_jobs_run_no_probe_and_show_no_bar(capsys, trained, data, monkeypatch):
@@ -407,9 +407,9 @@ def test_cost_model_sums_batches_between_its_probes():
 def test_estimate_is_within_a_factor_of_three_of_the_run(trained, data):
     """The probe-based estimate against the measured time of the same job (a busy machine makes this
     noisy: the job is long enough, ~1 s, for a factor of three to hold)."""
-    ck = cli.load_checkpoint(str(trained))
-    lines = cli.read_lines(str(data / "in.txt")) * 2
-    sources = cli.encode_sources(ck.tokenizer, lines, ck.cfg.model.max_len)
+    ck = userio.load_checkpoint(str(trained))
+    lines = userio.read_lines(str(data / "in.txt")) * 2
+    sources = userio.encode_sources(ck.tokenizer, lines, ck.cfg.model.max_len)
     from fastdiss.sampling import Sampler
     sampler = Sampler(ck.model, ck.cfg.sample, ck.cfg.diffusion)
     kw = {"length_beam": 1, "noise_draws": 1}
