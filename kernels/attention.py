@@ -28,11 +28,8 @@ fp32 dots (matching torch's default, TF32 off). Under the Triton interpreter the
 upcast to fp32 (its bf16 dot is wrong).
 
 Layers: Triton kernels -> launchers (`attention_forward_triton`, `attention_backward_triton`)
--> custom ops torch.ops.fastdiss.attention_fwd / attention_bwd (CUDA: Triton; CPU: the PyTorch
-reference, or Triton under the interpreter with backend 'triton') -> `attention()`, which in eager
-mode on CUDA calls the launchers through a plain autograd.Function instead (the Python custom op
-costs ~0.1 ms of host time per forward and ~0.3 ms per forward+backward on an H200 host, more than
-the kernels at the model's sizes); under torch.compile it always traces the ops.
+-> ops torch.ops.fastdiss.attention_fwd / attention_bwd, registered by FusedOp (kernels/_op.py)
+-> `attention()`.
 """
 from __future__ import annotations
 
@@ -43,6 +40,7 @@ import torch
 
 from . import _backend
 
+from ._op import FusedOp
 from ._utils import FLOAT_DTYPES, HAS_TRITON, check_tensor, next_pow2
 
 if HAS_TRITON:
@@ -511,44 +509,15 @@ def attention_backward_triton(do, q, k, v, o, lse, key_padding_mask, is_causal, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops: CUDA -> Triton; CPU -> reference (Triton under the interpreter with backend 'triton')
+# Ops: CUDA -> Triton; CPU -> reference (Triton under the interpreter with backend 'triton')
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastdiss::attention_fwd", mutates_args=(), device_types="cuda")
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-                  is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward_triton(q, k, v, key_padding_mask, is_causal, scale)
-
-
-@attention_fwd.register_kernel("cpu")
-def _attention_fwd_cpu(q, k, v, key_padding_mask, is_causal, scale):
-    if _backend.use_triton(q):
-        return attention_forward_triton(q, k, v, key_padding_mask, is_causal, scale)
-    return attention_forward_reference(q, k, v, key_padding_mask, is_causal, scale)
-
-
-@attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, key_padding_mask, is_causal, scale):
+def _forward_fake(q, k, v, key_padding_mask, is_causal, scale):
     B, H, Lq, _ = q.shape
     return _empty_like_layout(q), q.new_empty(B, H, Lq, dtype=torch.float32)
 
 
-@torch.library.custom_op("fastdiss::attention_bwd", mutates_args=(), device_types="cuda")
-def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                  lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], is_causal: bool,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward_triton(do, q, k, v, o, lse, key_padding_mask, is_causal, scale)
-
-
-@attention_bwd.register_kernel("cpu")
-def _attention_bwd_cpu(do, q, k, v, o, lse, key_padding_mask, is_causal, scale):
-    if _backend.use_triton(q):
-        return attention_backward_triton(do, q, k, v, o, lse, key_padding_mask, is_causal, scale)
-    return attention_backward_reference(do, q, k, v, o, lse, key_padding_mask, is_causal, scale)
-
-
-@attention_bwd.register_fake
-def _attention_bwd_fake(do, q, k, v, o, lse, key_padding_mask, is_causal, scale):
+def _backward_fake(do, q, k, v, o, lse, key_padding_mask, is_causal, scale):
     return _empty_like_layout(q), _empty_like_layout(k), _empty_like_layout(v)
 
 
@@ -564,30 +533,19 @@ def _backward(ctx, do, _dlse):
     q, k, v, o, lse, key_padding_mask = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv = torch.ops.fastdiss.attention_bwd(do, q, k, v, o, lse, key_padding_mask, ctx.is_causal, ctx.scale)
+    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, key_padding_mask, ctx.is_causal, ctx.scale, eager=ctx.eager)
     return dq, dk, dv, None, None, None
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _FlashAttentionFunction(torch.autograd.Function):
-    """The same launchers as the ops, for eager CUDA calls: an autograd.Function costs far less host
-    time per call than a Python custom op (whose dispatch + autograd wrapper dominate at small sizes).
-    torch.compile still traces the custom ops (see `attention`)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, is_causal, scale):
-        o, lse = attention_forward_triton(q, k, v, key_padding_mask, is_causal, scale)
-        ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
-        ctx.is_causal, ctx.scale = is_causal, scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, key_padding_mask = ctx.saved_tensors
-        dq, dk, dv = attention_backward_triton(do, q, k, v, o, lse, key_padding_mask, ctx.is_causal, ctx.scale)
-        return dq, dk, dv, None, None, None
+attention_bwd = FusedOp(
+    "attention_bwd", "(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? key_padding_mask, "
+    "bool is_causal, float scale) -> (Tensor, Tensor, Tensor)",
+    kernel=attention_backward_triton, reference=attention_backward_reference, fake=_backward_fake, device_arg=1)
+attention_fwd = FusedOp(
+    "attention_fwd", "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool is_causal, float scale)"
+    " -> (Tensor, Tensor)",
+    kernel=attention_forward_triton, reference=attention_forward_reference, fake=_forward_fake,
+).differentiable(_setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -631,9 +589,7 @@ def attention(q, k, v, key_padding_mask=None, is_causal=False, scale=None):
     _validate(q, k, v, key_padding_mask, is_causal, scale)
     scale = _default_scale(q, scale)
     if _backend.use_kernels(q):
-        if q.is_cuda and not torch.compiler.is_compiling():
-            return _FlashAttentionFunction.apply(q, k, v, key_padding_mask, is_causal, scale)
-        return torch.ops.fastdiss.attention_fwd(q, k, v, key_padding_mask, is_causal, scale)[0]
+        return attention_fwd.apply(q, k, v, key_padding_mask, is_causal, scale)[0]
     return attention_reference(q, k, v, key_padding_mask, is_causal, scale)
 
 

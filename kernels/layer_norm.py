@@ -17,10 +17,9 @@ weight and bias may be fp32 with bf16/fp16 activations (autocast-style mixed pre
 Rows longer than MAX_FUSED_N run the PyTorch reference.
 
 Layers: Triton kernels -> launchers (`layer_norm_forward_triton`, `layer_norm_backward_triton`)
--> custom ops torch.ops.fastdiss.layer_norm_fwd / layer_norm_bwd (CUDA: Triton; CPU: the PyTorch
-reference, or Triton under the interpreter with backend 'triton') -> `layer_norm()`, which in eager
-mode on CUDA calls the launchers through a plain autograd.Function instead (less host time per call
-than the custom op, as in attention.py); under torch.compile it always traces the ops.
+-> ops torch.ops.fastdiss.layer_norm_fwd / layer_norm_bwd, registered by FusedOp (kernels/_op.py:
+CUDA Triton, CPU the PyTorch reference, one autograd formula for the op and the eager CUDA path)
+-> `layer_norm()`.
 """
 from __future__ import annotations
 
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 
 from . import _backend
 
+from ._op import FusedOp
 from ._utils import FLOAT_DTYPES, HAS_TRITON, check_tensor, max_programs, next_pow2, num_warps_for
 
 if HAS_TRITON:
@@ -272,59 +272,35 @@ def layer_norm_backward_triton(dy, dh, hin, weight, mean, rstd, has_bias: bool,
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops
+# Ops
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastdiss::layer_norm_fwd", mutates_args=(), device_types="cuda")
-def _layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                    residual: Optional[torch.Tensor], eps: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_forward_triton(x, weight, bias, residual, eps)
-
-
-@_layer_norm_fwd.register_kernel("cpu")
-def _layer_norm_fwd_cpu(x, weight, bias, residual, eps):
-    if _backend.use_triton(x):
-        return layer_norm_forward_triton(x, weight, bias, residual, eps)
+def _forward_reference(x, weight, bias, residual, eps):
+    """The forward op's CPU kernel: (y, h, mean, rstd) like the launcher."""
     out = layer_norm_reference(x, weight, bias, eps, residual)
     y, h = out if residual is not None else (out, x.new_empty(0))
     mean, rstd = _stats_reference(h if residual is not None else x, eps)
     return y, h, mean, rstd
 
 
-@_layer_norm_fwd.register_fake
-def _layer_norm_fwd_fake(x, weight, bias, residual, eps):
+def _forward_fake(x, weight, bias, residual, eps):
     dtype = _out_dtype(x, residual)
     n_rows = math.prod(x.shape[:-1])
-    stat = x.new_empty(n_rows, dtype=torch.float32)
     h = x.new_empty(x.shape, dtype=dtype) if residual is not None else x.new_empty(0)
-    return x.new_empty(x.shape, dtype=dtype), h, stat, x.new_empty(n_rows, dtype=torch.float32)
+    return (x.new_empty(x.shape, dtype=dtype), h, x.new_empty(n_rows, dtype=torch.float32),
+            x.new_empty(n_rows, dtype=torch.float32))
 
 
-@torch.library.custom_op("fastdiss::layer_norm_bwd", mutates_args=(), device_types="cuda")
-def _layer_norm_bwd(dy: torch.Tensor, dh: Optional[torch.Tensor], hin: torch.Tensor,
-                    weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_backward_triton(dy, dh, hin, weight, mean, rstd, has_bias)
-
-
-@_layer_norm_bwd.register_kernel("cpu")
-def _layer_norm_bwd_cpu(dy, dh, hin, weight, mean, rstd, has_bias):
-    if _backend.use_triton(hin):
-        return layer_norm_backward_triton(dy, dh, hin, weight, mean, rstd, has_bias)
-    return _backward_reference(dy, dh, hin, weight, mean, rstd, has_bias)
-
-
-@_layer_norm_bwd.register_fake
-def _layer_norm_bwd_fake(dy, dh, hin, weight, mean, rstd, has_bias):
+def _backward_fake(dy, dh, hin, weight, mean, rstd, has_bias):
     N = hin.shape[-1]
     dw = hin.new_empty(N if weight is not None else 0, dtype=torch.float32)
     db = hin.new_empty(N if has_bias else 0, dtype=torch.float32)
     return torch.empty_like(hin), dw, db
 
 
-def _save_for_backward(ctx, x, weight, bias, residual, h, mean, rstd):
-    """What both autograd paths (the op's and _LayerNormFunction) keep for the backward."""
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, eps = inputs
+    y, h, mean, rstd = output
     ctx.has_residual = residual is not None
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -332,17 +308,17 @@ def _save_for_backward(ctx, x, weight, bias, residual, h, mean, rstd):
     ctx.res_dtype = residual.dtype if residual is not None else None
     ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
     ctx.set_materialize_grads(False)  # an unused h gets None, not a tensor of zeros to read
+    ctx.mark_non_differentiable(mean, rstd)
 
 
-def _input_grads(ctx, dy, dh, backward_fn):
-    """(dx, dweight, dbias, dresidual, None) from the output gradients; `backward_fn` is the
-    backward op or its launcher (same signature)."""
+def _backward(ctx, dy, dh, _dmean, _drstd):
+    """(dx, dweight, dbias, dresidual, None) from the gradients of y and h."""
     hin, weight, mean, rstd = ctx.saved_tensors
     if not ctx.has_residual or dh is None or dh.numel() == 0:
         dh = None
     if dy is None:  # only h was used
         dy = torch.zeros_like(hin)
-    dx, dw, db = backward_fn(dy, dh, hin, weight, mean, rstd, ctx.has_bias)
+    dx, dw, db = layer_norm_bwd(dy, dh, hin, weight, mean, rstd, ctx.has_bias, eager=ctx.eager)
     dweight = dw.to(weight.dtype) if weight is not None else None
     dbias = db.to(ctx.bias_dtype) if ctx.has_bias else None
     if not ctx.has_residual:
@@ -351,36 +327,15 @@ def _input_grads(ctx, dy, dh, backward_fn):
     return dx.to(ctx.x_dtype), dweight, dbias, dx.to(ctx.res_dtype), None
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, eps = inputs
-    y, h, mean, rstd = output
-    _save_for_backward(ctx, x, weight, bias, residual, h, mean, rstd)
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _backward(ctx, dy, dh, _dmean, _drstd):
-    return _input_grads(ctx, dy, dh, torch.ops.fastdiss.layer_norm_bwd)
-
-
-_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _LayerNormFunction(torch.autograd.Function):
-    """The same launchers and saved state as the ops, for eager CUDA calls: an autograd.Function
-    costs far less host time per call than a Python custom op. Returns (y, h); without a residual
-    h is an empty, non-differentiable tensor. torch.compile still traces the ops (see `layer_norm`)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps):
-        y, h, mean, rstd = layer_norm_forward_triton(x, weight, bias, residual, eps)
-        _save_for_backward(ctx, x, weight, bias, residual, h, mean, rstd)
-        if residual is None:
-            ctx.mark_non_differentiable(h)
-        return y, h
-
-    @staticmethod
-    def backward(ctx, dy, dh):
-        return _input_grads(ctx, dy, dh, layer_norm_backward_triton)
+layer_norm_bwd = FusedOp(
+    "layer_norm_bwd", "(Tensor dy, Tensor? dh, Tensor hin, Tensor? weight, Tensor mean, Tensor rstd, bool has_bias)"
+    " -> (Tensor, Tensor, Tensor)",
+    kernel=layer_norm_backward_triton, reference=_backward_reference, fake=_backward_fake, device_arg=2)
+layer_norm_fwd = FusedOp(
+    "layer_norm_fwd", "(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
+    kernel=layer_norm_forward_triton, reference=_forward_reference, fake=_forward_fake,
+).differentiable(_setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,8 +366,5 @@ def layer_norm(x, weight, bias, eps=1e-5, residual=None):
     _validate(x, weight, bias, eps, residual)
     if not _backend.use_kernels(x) or x.shape[-1] > MAX_FUSED_N:
         return layer_norm_reference(x, weight, bias, eps, residual)
-    if x.is_cuda and not torch.compiler.is_compiling():
-        y, h = _LayerNormFunction.apply(x, weight, bias, residual, float(eps))
-    else:
-        y, h, _, _ = torch.ops.fastdiss.layer_norm_fwd(x, weight, bias, residual, float(eps))
+    y, h, _, _ = layer_norm_fwd.apply(x, weight, bias, residual, float(eps))
     return y if residual is None else (y, h)

@@ -22,12 +22,9 @@ Token ids are range-checked on CPU; on CUDA (no host sync) out-of-range ids read
 instead of faulting, so validate ids upstream.
 
 Layers: Triton kernels -> launchers (`q_sample_forward_triton`, `q_sample_backward_triton`,
-`embed_and_noise_forward_triton`, `embed_and_noise_backward_triton`) -> custom ops
-torch.ops.fastdiss.{q_sample_fwd, q_sample_bwd, embed_and_noise_fwd, embed_and_noise_bwd}
-(CUDA: Triton; CPU: the PyTorch reference, or Triton under the interpreter with backend 'triton')
--> `q_sample()`, `embed_and_noise()`, which in eager mode on CUDA call the launchers through plain
-autograd.Functions instead (less host time per call than the custom ops, as in attention.py); under
-torch.compile they always trace the ops.
+`embed_and_noise_forward_triton`, `embed_and_noise_backward_triton`) -> ops
+torch.ops.fastdiss.{q_sample_fwd, q_sample_bwd, embed_and_noise_fwd, embed_and_noise_bwd}, registered
+by FusedOp (kernels/_op.py) -> `q_sample()`, `embed_and_noise()`.
 """
 from __future__ import annotations
 
@@ -42,6 +39,7 @@ from . import _backend
 from . import schedule as _schedule
 from .schedule import alpha_sigma, check_schedule
 
+from ._op import FusedOp
 from ._utils import FLOAT_DTYPES, HAS_TRITON, check_tensor, max_programs, next_pow2, num_warps_for
 
 if HAS_TRITON:
@@ -433,41 +431,13 @@ def embed_and_noise_backward_triton(dz0, dxt, tokens, weight, t, ln_weight, has_
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops
+# Ops
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastdiss::q_sample_fwd", mutates_args=(), device_types="cuda")
-def _q_sample_fwd(z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, schedule: str,
-                  noise_factor: float) -> torch.Tensor:
-    return q_sample_forward_triton(z0, t, eps, schedule, noise_factor)
-
-
-@_q_sample_fwd.register_kernel("cpu")
-def _q_sample_fwd_cpu(z0, t, eps, schedule, noise_factor):
-    if _backend.use_triton(z0):
-        return q_sample_forward_triton(z0, t, eps, schedule, noise_factor)
-    return q_sample_reference(z0, t, eps, schedule, noise_factor)
-
-
-@_q_sample_fwd.register_fake
 def _q_sample_fwd_fake(z0, t, eps, schedule, noise_factor):
     return torch.empty_like(z0)
 
 
-@torch.library.custom_op("fastdiss::q_sample_bwd", mutates_args=(), device_types="cuda")
-def _q_sample_bwd(grad: torch.Tensor, t: torch.Tensor, schedule: str, noise_factor: float,
-                  need_dz0: bool, need_deps: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return q_sample_backward_triton(grad, t, schedule, noise_factor, need_dz0, need_deps)
-
-
-@_q_sample_bwd.register_kernel("cpu")
-def _q_sample_bwd_cpu(grad, t, schedule, noise_factor, need_dz0, need_deps):
-    if _backend.use_triton(grad):
-        return q_sample_backward_triton(grad, t, schedule, noise_factor, need_dz0, need_deps)
-    return _q_sample_backward_reference(grad, t, schedule, noise_factor, need_dz0, need_deps)
-
-
-@_q_sample_bwd.register_fake
 def _q_sample_bwd_fake(grad, t, schedule, noise_factor, need_dz0, need_deps):
     return (torch.empty_like(grad) if need_dz0 else grad.new_empty(0),
             torch.empty_like(grad) if need_deps else grad.new_empty(0))
@@ -479,59 +449,25 @@ def _q_sample_setup_context(ctx, inputs, output):
     ctx.schedule, ctx.noise_factor = schedule, noise_factor
 
 
-def _q_sample_input_grads(ctx, grad, q_sample_bwd):
-    """(dz0, None, deps, None, None); `q_sample_bwd` is the backward op or its launcher."""
+def _q_sample_backward(ctx, grad):
+    """(dz0, None, deps, None, None)."""
     (t,) = ctx.saved_tensors
     need_dz0, _, need_deps = ctx.needs_input_grad[:3]
-    dz0, deps = q_sample_bwd(grad, t, ctx.schedule, ctx.noise_factor, need_dz0, need_deps)
+    dz0, deps = q_sample_bwd(grad, t, ctx.schedule, ctx.noise_factor, need_dz0, need_deps, eager=ctx.eager)
     return (dz0 if need_dz0 else None), None, (deps if need_deps else None), None, None
 
 
-def _q_sample_backward(ctx, grad):
-    return _q_sample_input_grads(ctx, grad, torch.ops.fastdiss.q_sample_bwd)
-
-
-_q_sample_fwd.register_autograd(_q_sample_backward, setup_context=_q_sample_setup_context)
-
-
-@torch.library.custom_op("fastdiss::embed_and_noise_fwd", mutates_args=(), device_types="cuda")
-def _embed_and_noise_fwd(tokens: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-                         ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor], schedule: str,
-                         noise_factor: float, ln_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return embed_and_noise_forward_triton(tokens, weight, t, eps, ln_weight, ln_bias, schedule, noise_factor, ln_eps)
-
-
-@_embed_and_noise_fwd.register_kernel("cpu")
-def _embed_and_noise_fwd_cpu(tokens, weight, t, eps, ln_weight, ln_bias, schedule, noise_factor, ln_eps):
-    if _backend.use_triton(weight):
-        return embed_and_noise_forward_triton(tokens, weight, t, eps, ln_weight, ln_bias, schedule,
-                                              noise_factor, ln_eps)
+def _embed_and_noise_forward_reference(tokens, weight, t, eps, ln_weight, ln_bias, schedule, noise_factor, ln_eps):
     _check_token_range(tokens, weight.shape[0])
     return embed_and_noise_reference(tokens, weight, t, eps, ln_weight, ln_bias, schedule, noise_factor, ln_eps)
 
 
-@_embed_and_noise_fwd.register_fake
-def _embed_and_noise_fwd_fake(tokens, weight, t, eps, ln_weight, ln_bias, schedule, noise_factor, ln_eps):
+def _embed_fwd_fake(tokens, weight, t, eps, ln_weight, ln_bias, schedule, noise_factor, ln_eps):
     shape = (*tokens.shape, weight.shape[-1])
     return weight.new_empty(shape), weight.new_empty(shape)
 
 
-@torch.library.custom_op("fastdiss::embed_and_noise_bwd", mutates_args=(), device_types="cuda")
-def _embed_and_noise_bwd(dz0: Optional[torch.Tensor], dxt: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor,
-                         t: torch.Tensor, ln_weight: Optional[torch.Tensor], has_ln_bias: bool, schedule: str,
-                         ln_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return embed_and_noise_backward_triton(dz0, dxt, tokens, weight, t, ln_weight, has_ln_bias, schedule, ln_eps)
-
-
-@_embed_and_noise_bwd.register_kernel("cpu")
-def _embed_and_noise_bwd_cpu(dz0, dxt, tokens, weight, t, ln_weight, has_ln_bias, schedule, ln_eps):
-    if _backend.use_triton(weight):
-        return embed_and_noise_backward_triton(dz0, dxt, tokens, weight, t, ln_weight, has_ln_bias, schedule, ln_eps)
-    return _embed_backward_reference(dz0, dxt, tokens, weight, t, ln_weight, has_ln_bias, schedule, ln_eps)
-
-
-@_embed_and_noise_bwd.register_fake
-def _embed_and_noise_bwd_fake(dz0, dxt, tokens, weight, t, ln_weight, has_ln_bias, schedule, ln_eps):
+def _embed_bwd_fake(dz0, dxt, tokens, weight, t, ln_weight, has_ln_bias, schedule, ln_eps):
     D = weight.shape[-1]
     return (torch.empty_like(weight), weight.new_empty(D if ln_weight is not None else 0, dtype=torch.float32),
             weight.new_empty(D if has_ln_bias else 0, dtype=torch.float32))
@@ -546,62 +482,43 @@ def _embed_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused z0 gets None, not a tensor of zeros to read
 
 
-def _embed_input_grads(ctx, dz0, dxt, q_sample_bwd, embed_bwd):
-    """Gradients of all nine inputs; `q_sample_bwd` / `embed_bwd` are the backward ops or their
-    launchers (same signatures)."""
+def _embed_backward(ctx, dz0, dxt):
+    """Gradients of all nine inputs."""
     tokens, weight, t, ln_weight = ctx.saved_tensors
     if dxt is None:  # only z0 was used
         dxt = weight.new_zeros((*tokens.shape, weight.shape[-1]))
     _, need_weight, _, need_eps, need_lnw, need_lnb = ctx.needs_input_grad[:6]
     deps = None
     if need_eps:
-        _, deps = q_sample_bwd(dxt, t, ctx.schedule, ctx.noise_factor, False, True)
+        _, deps = q_sample_bwd(dxt, t, ctx.schedule, ctx.noise_factor, False, True, eager=ctx.eager)
     dweight = dlnw = dlnb = None
     if need_weight or need_lnw or need_lnb:
-        dweight, dlnw, dlnb = embed_bwd(dz0, dxt, tokens, weight, t, ln_weight, ctx.has_ln_bias, ctx.schedule,
-                                        ctx.ln_eps)
+        dweight, dlnw, dlnb = embed_and_noise_bwd(dz0, dxt, tokens, weight, t, ln_weight, ctx.has_ln_bias,
+                                                  ctx.schedule, ctx.ln_eps, eager=ctx.eager)
         dweight = dweight if need_weight else None
         dlnw = dlnw.to(ctx.ln_dtypes[0]) if need_lnw else None
         dlnb = dlnb.to(ctx.ln_dtypes[1]) if need_lnb else None
     return None, dweight, None, deps, dlnw, dlnb, None, None, None
 
 
-def _embed_backward(ctx, dz0, dxt):
-    ops = torch.ops.fastdiss
-    return _embed_input_grads(ctx, dz0, dxt, ops.q_sample_bwd, ops.embed_and_noise_bwd)
-
-
-_embed_and_noise_fwd.register_autograd(_embed_backward, setup_context=_embed_setup_context)
-
-
-# Eager CUDA path: the same launchers and saved state as the ops, through plain autograd.Functions,
-# which cost far less host time per call than Python custom ops. torch.compile still traces the ops.
-
-class _QSampleFunction(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, z0, t, eps, schedule, noise_factor):
-        out = q_sample_forward_triton(z0, t, eps, schedule, noise_factor)
-        _q_sample_setup_context(ctx, (z0, t, eps, schedule, noise_factor), out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _q_sample_input_grads(ctx, grad, q_sample_backward_triton)
-
-
-class _EmbedAndNoiseFunction(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, tokens, weight, t, eps, ln_weight, ln_bias, schedule, noise_factor, ln_eps):
-        inputs = (tokens, weight, t, eps, ln_weight, ln_bias, schedule, noise_factor, ln_eps)
-        out = embed_and_noise_forward_triton(*inputs)
-        _embed_setup_context(ctx, inputs, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, dz0, dxt):
-        return _embed_input_grads(ctx, dz0, dxt, q_sample_backward_triton, embed_and_noise_backward_triton)
+q_sample_bwd = FusedOp(
+    "q_sample_bwd", "(Tensor grad, Tensor t, str schedule, float noise_factor, bool need_dz0, bool need_deps)"
+    " -> (Tensor, Tensor)",
+    kernel=q_sample_backward_triton, reference=_q_sample_backward_reference, fake=_q_sample_bwd_fake)
+q_sample_fwd = FusedOp(
+    "q_sample_fwd", "(Tensor z0, Tensor t, Tensor eps, str schedule, float noise_factor) -> Tensor",
+    kernel=q_sample_forward_triton, reference=q_sample_reference, fake=_q_sample_fwd_fake,
+).differentiable(_q_sample_setup_context, _q_sample_backward)
+embed_and_noise_bwd = FusedOp(
+    "embed_and_noise_bwd", "(Tensor? dz0, Tensor dxt, Tensor tokens, Tensor weight, Tensor t, Tensor? ln_weight, "
+    "bool has_ln_bias, str schedule, float ln_eps) -> (Tensor, Tensor, Tensor)",
+    kernel=embed_and_noise_backward_triton, reference=_embed_backward_reference, fake=_embed_bwd_fake, device_arg=3)
+embed_and_noise_fwd = FusedOp(
+    "embed_and_noise_fwd", "(Tensor tokens, Tensor weight, Tensor t, Tensor eps, Tensor? ln_weight, Tensor? ln_bias, "
+    "str schedule, float noise_factor, float ln_eps) -> (Tensor, Tensor)",
+    kernel=embed_and_noise_forward_triton, reference=_embed_and_noise_forward_reference, fake=_embed_fwd_fake,
+    device_arg=1,
+).differentiable(_embed_setup_context, _embed_backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -635,9 +552,7 @@ def q_sample(z0, t, eps, schedule="sqrt", noise_factor=1.0):
     _check_scalars(schedule, noise_factor)
     if not _backend.use_kernels(z0):
         return q_sample_reference(z0, t.detach(), eps, schedule, noise_factor)
-    if z0.is_cuda and not torch.compiler.is_compiling():
-        return _QSampleFunction.apply(z0, t.detach(), eps, schedule, float(noise_factor))
-    return torch.ops.fastdiss.q_sample_fwd(z0, t.detach(), eps, schedule, float(noise_factor))
+    return q_sample_fwd.apply(z0, t.detach(), eps, schedule, float(noise_factor))
 
 
 def embed_and_noise(tokens, weight, t, eps, ln_weight=None, ln_bias=None, schedule="sqrt",
@@ -661,8 +576,5 @@ def embed_and_noise(tokens, weight, t, eps, ln_weight=None, ln_bias=None, schedu
     if not _backend.use_kernels(weight) or D > MAX_FUSED_D:
         return embed_and_noise_reference(tokens, weight, t.detach(), eps, ln_weight, ln_bias, schedule, noise_factor,
                                          ln_eps)
-    if weight.is_cuda and not torch.compiler.is_compiling():
-        return _EmbedAndNoiseFunction.apply(tokens, weight, t.detach(), eps, ln_weight, ln_bias, schedule,
-                                            float(noise_factor), float(ln_eps))
-    return torch.ops.fastdiss.embed_and_noise_fwd(tokens, weight, t.detach(), eps, ln_weight, ln_bias, schedule,
-                                                  float(noise_factor), float(ln_eps))
+    return embed_and_noise_fwd.apply(tokens, weight, t.detach(), eps, ln_weight, ln_bias, schedule,
+                                     float(noise_factor), float(ln_eps))

@@ -21,10 +21,8 @@ The CPU kernel is the same chunked algorithm in PyTorch (memory-bounded too);
 
 Ops: torch.ops.fastdiss.rounding_ce_fwd(x, E, targets, ignore_index, chunk_size) -> (loss, lse),
      torch.ops.fastdiss.rounding_ce_bwd(grad_loss, x, E, targets, lse, ignore_index, chunk_size)
-     -> (dx, dE). `loss` is per token (fp32, 0 where ignored); reductions happen in PyTorch on top.
-In eager mode on CUDA `rounding_cross_entropy()` calls the Triton launchers through a plain
-autograd.Function instead (less host time per call than the custom ops, as in attention.py); under
-torch.compile it always traces the ops.
+     -> (dx, dE), registered by FusedOp (kernels/_op.py). `loss` is per token (fp32, 0 where
+     ignored); reductions happen in PyTorch on top.
 """
 from __future__ import annotations
 
@@ -32,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
+from ._op import FusedOp
 from ._utils import FLOAT_DTYPES, HAS_TRITON, check_tensor
 
 if HAS_TRITON:
@@ -159,8 +158,9 @@ def _target_logits(x: torch.Tensor, embedding: torch.Tensor, targets: torch.Tens
     return (x.float() * rows.float()).sum(-1)
 
 
-def _triton_forward(x, embedding, targets, ignore_index: int, num_splits: int | None = None):
-    """(loss per token, lse per token), both fp32 (N,). `num_splits` overrides the vocab split."""
+def _triton_forward(x, embedding, targets, ignore_index: int, chunk_size: int = 0, num_splits: int | None = None):
+    """(loss per token, lse per token), both fp32 (N,). `chunk_size` is the backward's (the forward
+    streams the whole vocabulary); `num_splits` overrides the vocab split."""
     N, D = x.shape
     V = embedding.shape[0]
     cfg = _config(x.dtype)
@@ -277,88 +277,41 @@ def _reduce(loss, targets, ignore_index, reduction, shape):
 
 
 # ----------------------------------------------------------------------------------------------
-# Op registration
+# Ops
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastdiss::rounding_ce_fwd", mutates_args=(), device_types="cuda")
-def _rounding_ce_fwd(x: torch.Tensor, embedding: torch.Tensor, targets: torch.Tensor,
-                     ignore_index: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _triton_forward(x, embedding, targets, ignore_index)
-
-
-@_rounding_ce_fwd.register_kernel("cpu")
-def _rounding_ce_fwd_cpu(x, embedding, targets, ignore_index, chunk_size):
-    if _backend.use_triton(x):
-        return _triton_forward(x, embedding, targets, ignore_index)
-    return _chunked_forward(x, embedding, targets, ignore_index, chunk_size)
-
-
-@_rounding_ce_fwd.register_fake
-def _rounding_ce_fwd_fake(x, embedding, targets, ignore_index, chunk_size):
+def _forward_fake(x, embedding, targets, ignore_index, chunk_size):
     n = x.shape[0]
     return x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32)
 
 
-@torch.library.custom_op("fastdiss::rounding_ce_bwd", mutates_args=(), device_types="cuda")
-def _rounding_ce_bwd(grad_loss: torch.Tensor, x: torch.Tensor, embedding: torch.Tensor,
-                     targets: torch.Tensor, lse: torch.Tensor, ignore_index: int,
-                     chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _triton_backward(grad_loss, x, embedding, targets, lse, ignore_index, chunk_size)
-
-
-@_rounding_ce_bwd.register_kernel("cpu")
-def _rounding_ce_bwd_cpu(grad_loss, x, embedding, targets, lse, ignore_index, chunk_size):
-    if _backend.use_triton(x):
-        return _triton_backward(grad_loss, x, embedding, targets, lse, ignore_index, chunk_size)
-    return _chunked_backward(grad_loss, x, embedding, targets, lse, ignore_index, chunk_size)
-
-
-@_rounding_ce_bwd.register_fake
-def _rounding_ce_bwd_fake(grad_loss, x, embedding, targets, lse, ignore_index, chunk_size):
+def _backward_fake(grad_loss, x, embedding, targets, lse, ignore_index, chunk_size):
     return torch.empty_like(x), torch.empty_like(embedding)
-
-
-def _save_for_backward(ctx, x, embedding, targets, lse, ignore_index, chunk_size):
-    """What both autograd paths (the op's and _RoundingCEFunction) keep for the backward."""
-    ctx.save_for_backward(x, embedding, targets, lse)
-    ctx.ignore_index = ignore_index
-    ctx.chunk_size = chunk_size
-
-
-def _input_grads(ctx, grad_loss, backward_fn):
-    """(dx, dE, None, None, None); `backward_fn` is the backward op or its launcher."""
-    x, embedding, targets, lse = ctx.saved_tensors
-    dx, dE = backward_fn(grad_loss, x, embedding, targets, lse, ctx.ignore_index, ctx.chunk_size)
-    return dx, dE, None, None, None
 
 
 def _setup_context(ctx, inputs, output):
     x, embedding, targets, ignore_index, chunk_size = inputs
     _, lse = output
-    _save_for_backward(ctx, x, embedding, targets, lse, ignore_index, chunk_size)
+    ctx.save_for_backward(x, embedding, targets, lse)
+    ctx.ignore_index, ctx.chunk_size = ignore_index, chunk_size
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, grad_loss, grad_lse):
-    return _input_grads(ctx, grad_loss, torch.ops.fastdiss.rounding_ce_bwd)
+def _backward(ctx, grad_loss, _grad_lse):
+    """(dx, dE, None, None, None)."""
+    x, embedding, targets, lse = ctx.saved_tensors
+    dx, dE = rounding_ce_bwd(grad_loss, x, embedding, targets, lse, ctx.ignore_index, ctx.chunk_size, eager=ctx.eager)
+    return dx, dE, None, None, None
 
 
-_rounding_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _RoundingCEFunction(torch.autograd.Function):
-    """The same launchers and saved state as the ops, for eager CUDA calls: an autograd.Function
-    costs far less host time per call than a Python custom op. Returns the per-token loss only.
-    torch.compile still traces the ops (see `rounding_cross_entropy`)."""
-
-    @staticmethod
-    def forward(ctx, x, embedding, targets, ignore_index, chunk_size):
-        loss, lse = _triton_forward(x, embedding, targets, ignore_index)
-        _save_for_backward(ctx, x, embedding, targets, lse, ignore_index, chunk_size)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return _input_grads(ctx, grad_loss, _triton_backward)
+rounding_ce_bwd = FusedOp(
+    "rounding_ce_bwd", "(Tensor grad_loss, Tensor x, Tensor embedding, Tensor targets, Tensor lse, int ignore_index, "
+    "int chunk_size) -> (Tensor, Tensor)",
+    kernel=_triton_backward, reference=_chunked_backward, fake=_backward_fake, device_arg=1)
+rounding_ce_fwd = FusedOp(
+    "rounding_ce_fwd", "(Tensor x, Tensor embedding, Tensor targets, int ignore_index, int chunk_size)"
+    " -> (Tensor, Tensor)",
+    kernel=_triton_forward, reference=_chunked_forward, fake=_forward_fake,
+).differentiable(_setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,10 +377,7 @@ def rounding_cross_entropy(x0_hat, embedding, targets, ignore_index=-100, reduct
     if not _backend.use_kernels(x):
         return rounding_cross_entropy_reference(x, emb, t, ignore_index, reduction).reshape(
             targets.shape if reduction == "none" else ())
-    if x.is_cuda and not torch.compiler.is_compiling():
-        loss = _RoundingCEFunction.apply(x, emb, t, ignore_index, chunk_size or 0)
-    else:
-        loss, _ = torch.ops.fastdiss.rounding_ce_fwd(x, emb, t, ignore_index, chunk_size or 0)
+    loss, _ = rounding_ce_fwd.apply(x, emb, t, ignore_index, chunk_size or 0)
     return _reduce(loss, t, ignore_index, reduction, targets.shape)
 
 

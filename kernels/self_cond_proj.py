@@ -17,11 +17,9 @@ fp32 inputs use IEEE fp32 dots unless torch allows TF32 for matmuls
 (torch.backends.cuda.matmul.allow_tf32), as F.linear does. Under the Triton interpreter the dot
 operands are upcast to fp32 (its bf16 dot is wrong).
 
-Layers: Triton kernel -> launcher `self_cond_project_triton` -> custom ops
-torch.ops.fastdiss.self_cond_project_fwd / self_cond_project_bwd -> `self_cond_project()`, which in
-eager mode on CUDA calls the launcher and the torch backward through a plain autograd.Function
-instead (less host time per call than the custom ops, as in attention.py); under torch.compile it
-always traces the ops.
+Layers: Triton kernel -> launcher `self_cond_project_triton` -> ops
+torch.ops.fastdiss.self_cond_project_fwd / self_cond_project_bwd, registered by FusedOp
+(kernels/_op.py; the backward is two torch matmuls on every device) -> `self_cond_project()`.
 """
 from __future__ import annotations
 
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 
 from . import _backend
 
+from ._op import FusedOp
 from ._utils import FLOAT_DTYPES, HAS_TRITON, check_tensor, next_pow2
 
 if HAS_TRITON:
@@ -201,35 +200,14 @@ def self_cond_project_triton(x_t, sc, weight, bias=None, add=None, block_sizes: 
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops
+# Ops
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastdiss::self_cond_project_fwd", mutates_args=(), device_types="cuda")
-def _self_cond_project_fwd(x_t: torch.Tensor, sc: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                           add: Optional[torch.Tensor]) -> torch.Tensor:
-    return self_cond_project_triton(x_t, sc, weight, bias, add)
-
-
-@_self_cond_project_fwd.register_kernel("cpu")
-def _self_cond_project_fwd_cpu(x_t, sc, weight, bias, add):
-    if _backend.use_triton(x_t):
-        return self_cond_project_triton(x_t, sc, weight, bias, add)
-    return self_cond_project_reference(x_t, sc, weight, bias, add)
-
-
-@_self_cond_project_fwd.register_fake
-def _self_cond_project_fwd_fake(x_t, sc, weight, bias, add):
+def _forward_fake(x_t, sc, weight, bias, add):
     return x_t.new_empty((*x_t.shape[:-1], weight.shape[0]))
 
 
-@torch.library.custom_op("fastdiss::self_cond_project_bwd", mutates_args=())
-def _self_cond_project_bwd(grad: torch.Tensor, x_t: torch.Tensor, sc: torch.Tensor, weight: torch.Tensor,
-                           has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_torch(grad, x_t, sc, weight, has_bias)
-
-
-@_self_cond_project_bwd.register_fake
-def _self_cond_project_bwd_fake(grad, x_t, sc, weight, has_bias):
+def _backward_fake(grad, x_t, sc, weight, has_bias):
     return (torch.empty_like(x_t), torch.empty_like(sc), torch.empty_like(weight),
             grad.new_empty(weight.shape[0] if has_bias else 0))
 
@@ -241,37 +219,24 @@ def _setup_context(ctx, inputs, output):
     ctx.add_shape = add.shape if add is not None else None
 
 
-def _input_grads(ctx, grad, backward_fn):
-    """(dx_t, dsc, dweight, dbias, dadd); `backward_fn` is the backward op or `_backward_torch`."""
+def _backward(ctx, grad):
+    """(dx_t, dsc, dweight, dbias, dadd)."""
     x_t, sc, weight = ctx.saved_tensors
-    dx, dsc, dw, db = backward_fn(grad, x_t, sc, weight, ctx.has_bias)
+    dx, dsc, dw, db = self_cond_project_bwd(grad, x_t, sc, weight, ctx.has_bias, eager=ctx.eager)
     dadd = None
     if ctx.add_shape is not None and ctx.needs_input_grad[4]:
         dadd = grad.sum_to_size(ctx.add_shape)
     return dx, dsc, dw, (db if ctx.has_bias else None), dadd
 
 
-def _backward(ctx, grad):
-    return _input_grads(ctx, grad, torch.ops.fastdiss.self_cond_project_bwd)
-
-
-_self_cond_project_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _SelfCondProjectFunction(torch.autograd.Function):
-    """The same launcher, saved state and torch-matmul backward as the ops, for eager CUDA calls: an
-    autograd.Function costs far less host time per call than a Python custom op. torch.compile
-    still traces the ops (see `self_cond_project`)."""
-
-    @staticmethod
-    def forward(ctx, x_t, sc, weight, bias, add):
-        y = self_cond_project_triton(x_t, sc, weight, bias, add)
-        _setup_context(ctx, (x_t, sc, weight, bias, add), y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _input_grads(ctx, grad, _backward_torch)
+self_cond_project_bwd = FusedOp(
+    "self_cond_project_bwd", "(Tensor grad, Tensor x_t, Tensor sc, Tensor weight, bool has_bias)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
+    kernel=_backward_torch, reference=_backward_torch, fake=_backward_fake)
+self_cond_project_fwd = FusedOp(
+    "self_cond_project_fwd", "(Tensor x_t, Tensor sc, Tensor weight, Tensor? bias, Tensor? add) -> Tensor",
+    kernel=self_cond_project_triton, reference=self_cond_project_reference, fake=_forward_fake,
+).differentiable(_setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,6 +274,4 @@ def self_cond_project(x_t, sc, weight, bias=None, add=None):
                              f"got {tuple(add.shape)}")
     if not _backend.use_kernels(x_t):
         return self_cond_project_reference(x_t, sc, weight, bias, add)
-    if x_t.is_cuda and not torch.compiler.is_compiling():
-        return _SelfCondProjectFunction.apply(x_t, sc, weight, bias, add)
-    return torch.ops.fastdiss.self_cond_project_fwd(x_t, sc, weight, bias, add)
+    return self_cond_project_fwd.apply(x_t, sc, weight, bias, add)

@@ -254,9 +254,9 @@ def test_backend_triton_runs_the_launchers(backend, monkeypatch, device):
     """The public function (eager CUDA: an autograd.Function; otherwise the op) and the op itself both
     run the Triton launchers, forward and backward, and agree with the reference."""
     calls = []
-    for name in ("attention_forward_triton", "attention_backward_triton"):
-        real = getattr(A, name)
-        monkeypatch.setattr(A, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    for name, op in (("attention_forward_triton", A.attention_fwd), ("attention_backward_triton", A.attention_bwd)):
+        assert op.kernel is getattr(A, name)
+        monkeypatch.setattr(op, "kernel", lambda *a, _real=op.kernel, _name=name: calls.append(_name) or _real(*a))
     backend("triton")
     q, k, v = make_qkv(2, 2, 6, 11, 32, torch.float32, "blhd", device)
     mask = make_mask("full_row", 2, 11, device)
@@ -276,14 +276,14 @@ def test_backend_triton_runs_the_launchers(backend, monkeypatch, device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("Lq,Lk,mask_kind,causal", [(5, 19, "full_row", False), (13, 13, "random", True)])
 def test_autograd_function_matches_fp64_and_op(dtype, Lq, Lk, mask_kind, causal, backend, device):
-    """_FlashAttentionFunction (the eager CUDA path) against the fp64 oracle, and bitwise equal to the
+    """The op's autograd.Function (the eager CUDA path) against the fp64 oracle, and bitwise equal to the
     custom op on the same inputs; rows whose keys are all padding give exactly 0 and no NaN."""
     backend("triton")
     q, k, v = make_qkv(2, 2, Lq, Lk, 24, dtype, "blhd", device)
     mask = make_mask(mask_kind, 2, Lk, device)
     scale = 24 ** -0.5
     do = torch.randn(2, 2, Lq, 24, device=device).to(dtype)
-    ours = grads_of(lambda a, b, c: A._FlashAttentionFunction.apply(a, b, c, mask, causal, scale), q, k, v, do)
+    ours = grads_of(lambda a, b, c: A.attention_fwd.function.apply(a, b, c, mask, causal, scale)[0], q, k, v, do)
     op = grads_of(lambda a, b, c: torch.ops.fastdiss.attention_fwd(a, b, c, mask, causal, scale)[0], q, k, v, do)
     ref = grads_of(lambda a, b, c: oracle_attention(a, b, c, mask, causal, scale),
                    *(t.double() for t in (q, k, v)), do.double())

@@ -159,7 +159,7 @@ def test_public_ops_autograd(dtype, device, triton_backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_autograd_functions_match_float64_and_op(dtype, device, triton_backend):
-    """_EmbedAndNoiseFunction and _QSampleFunction (the eager CUDA paths) against the float64 oracles
+    """The ops' autograd.Functions (the eager CUDA paths) against the float64 oracles
     above, and bitwise equal to the custom ops on the same inputs: every output and gradient, with
     both outputs of embed_and_noise used or only one, and q_sample with and without a gradient for eps."""
     B, L, V, D = 2, 5, 7, 19
@@ -181,7 +181,7 @@ def test_autograd_functions_match_float64_and_op(dtype, device, triton_backend):
     names = ("z0", "x_t", "dweight", "dln_weight", "dln_bias", "deps")
     scales = (1, 2, 3, 10, 10, 1)
     for upstream in ([dz0, dxt], [None, dxt], [dz0, None]):
-        fn = run(nz._EmbedAndNoiseFunction.apply, upstream)
+        fn = run(nz.embed_and_noise_fwd.function.apply, upstream)
         op = run(torch.ops.fastdiss.embed_and_noise_fwd, upstream)
         z_ref, x_ref, grads_ref = embed_reference(tokens, weight, t, eps, lnw, lnb, "vp-linear",
                                                   *(torch.zeros_like(dz0) if g is None else g for g in upstream))
@@ -194,7 +194,7 @@ def test_autograd_functions_match_float64_and_op(dtype, device, triton_backend):
     a, s = alpha_sigma64(t, B, L)("cosine")
     for eps_grad in (True, False):
         results = []
-        for q_sample in (nz._QSampleFunction.apply, torch.ops.fastdiss.q_sample_fwd):
+        for q_sample in (nz.q_sample_fwd.function.apply, torch.ops.fastdiss.q_sample_fwd):
             zl, el = z0.detach().requires_grad_(), eps.detach().requires_grad_(eps_grad)
             out = q_sample(zl, t, el, "cosine", NOISE)
             out.backward(g)

@@ -91,14 +91,15 @@ def test_chunked_cpu_kernel_matches_reference(dtype, device):
 # ---------------------------------------------------------------- public function and op layer
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_autograd_function_matches_reference_and_op(dtype, backend, device):
-    """_RoundingCEFunction (the eager CUDA path) against the float64 reference, and bitwise equal to
+    """The op's autograd.Function (the eager CUDA path) against the float64 reference, and bitwise equal to
     the custom op on the same inputs (per-token loss, dx, dE), with ignored tokens and a chunked backward."""
     backend("triton")
     x, emb, t = make_inputs(13, 37, 24, dtype, device)
     assert (t == -100).any() and (t != -100).any()
     g = torch.randn(13, device=device)
     results = []
-    for rounding_ce in (rc._RoundingCEFunction.apply, lambda *a: torch.ops.fastdiss.rounding_ce_fwd(*a)[0]):
+    for rounding_ce in (lambda *a: rc.rounding_ce_fwd.function.apply(*a)[0],
+                        lambda *a: torch.ops.fastdiss.rounding_ce_fwd(*a)[0]):
         xl, el = x.detach().requires_grad_(), emb.detach().requires_grad_()
         loss = rounding_ce(xl, el, t, -100, 16)
         results.append((loss, *torch.autograd.grad(loss, (xl, el), g)))

@@ -86,14 +86,14 @@ def test_public_op_autograd(dtype, add_shape, device, triton_backend):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_autograd_function_matches_float64_and_op(dtype, device, triton_backend):
-    """_SelfCondProjectFunction (the eager CUDA path) against the float64 reference, and bitwise equal
+    """The op's autograd.Function (the eager CUDA path) against the float64 reference, and bitwise equal
     to the custom op on the same inputs (same launcher, same torch-matmul backward); an `add` that
     needs no gradient gets none, and a broadcast one gets the output gradient summed over batches."""
     x, sc, w, b, add = make((2, 5), 13, 21, dtype, device, True, "positions")
     g = torch.randn(2, 5, 21, device=device).to(dtype)
     for add_grad in (True, False):
         results = []
-        for project in (scp._SelfCondProjectFunction.apply, torch.ops.fastdiss.self_cond_project_fwd):
+        for project in (scp.self_cond_project_fwd.function.apply, torch.ops.fastdiss.self_cond_project_fwd):
             leaves = [v.detach().requires_grad_(v is not add or add_grad) for v in (x, sc, w, b, add)]
             y = project(*leaves)
             y.backward(g)
