@@ -1,5 +1,6 @@
 """The autoregressive baseline: a standard pre-LN Transformer encoder-decoder of the same size and
-depth as the denoiser, trained by the same loop, decoded with greedy or beam search and a KV cache.
+depth as the denoiser, built from the denoiser's layers (fastdiss.model: causal self-attention in
+the decoder), trained by the same loop, decoded with greedy or beam search and a KV cache.
 
 It is what users compare diffusion against: the diffusion model's claim is AR-like quality with a few
 parallel steps instead of one step per token.
@@ -20,93 +21,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastdiss import functional as FD
+from fastdiss.config import ModelConfig
+from fastdiss.model import DecoderLayer, EncoderLayer, LayerNorm, add_and_norm
 
 __all__ = ["ARTransformer", "Hypothesis"]
-
-
-def _cfg(model_cfg, name, default=None):
-    value = getattr(model_cfg, name, default)
-    if value is None:
-        raise ValueError(f"model_cfg has no field {name!r}; ARTransformer needs d_model, n_enc, n_dec, n_heads, "
-                         f"d_ff, max_len (and optionally dropout)")
-    return value
-
-
-def _add_norm(delta, residual, ln: nn.LayerNorm, fused: bool = True):
-    """Pre-LN residual step: residual += delta; return (LayerNorm(residual), residual).
-    fused=True goes through fastdiss.functional (one kernel on GPU); False is plain PyTorch.
-    The residual stream keeps the embeddings' dtype (fp32 under autocast); bf16/fp16 sublayer
-    outputs are cast up before they join it."""
-    if residual is not None and delta.dtype != residual.dtype:
-        delta = delta.to(residual.dtype)
-    if residual is None:
-        residual = delta
-    elif not fused:
-        residual = delta + residual
-    else:
-        return FD.layer_norm(delta, ln.weight, ln.bias, eps=ln.eps, residual=residual)
-    if fused:
-        return FD.layer_norm(residual, ln.weight, ln.bias, eps=ln.eps), residual
-    return F.layer_norm(residual, residual.shape[-1:], ln.weight, ln.bias, ln.eps), residual
 
 
 def _upcast(x):
     """Losses and log-probs in at least fp32 (bf16/fp16 logits would round the scores)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _attention(q, k, v, key_padding_mask=None, is_causal=False, fused: bool = True):
-    """fastdiss.functional.attention (fused) or torch's SDPA (the eager baseline; this model never
-    combines a padding mask with causality, and no source row is all padding)."""
-    if fused:
-        return FD.attention(q, k, v, key_padding_mask=key_padding_mask, is_causal=is_causal)
-    mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-
-
-class _Heads(nn.Module):
-    """Splits (B, L, n*d_model) projections into n tensors of shape (B, H, L, Dh) and merges back."""
-
-    def __init__(self, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-
-    def split(self, x, n):
-        B, L, _ = x.shape
-        return x.view(B, L, n, self.n_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-
-    @staticmethod
-    def merge(x):
-        B, H, L, Dh = x.shape
-        return x.transpose(1, 2).reshape(B, L, H * Dh)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, d_model, d_ff, dropout):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
-        self.dropout = dropout
-
-    def forward(self, x):
-        return self.fc2(F.dropout(F.gelu(self.fc1(x)), self.dropout, self.training))
-
-
-class EncoderLayer(nn.Module):
-    def __init__(self, d_model, n_heads, d_ff, dropout):
-        super().__init__()
-        self.heads = _Heads(n_heads)
-        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.qkv, self.out = nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model)
-        self.ffn = FeedForward(d_model, d_ff, dropout)
-        self.dropout, self.fused = dropout, True
-
-    def forward(self, delta, residual, src_mask):
-        n, residual = _add_norm(delta, residual, self.ln1, self.fused)
-        q, k, v = self.heads.split(self.qkv(n), 3)
-        a = self.out(self.heads.merge(_attention(q, k, v, key_padding_mask=src_mask, fused=self.fused)))
-        n, residual = _add_norm(F.dropout(a, self.dropout, self.training), residual, self.ln2, self.fused)
-        return F.dropout(self.ffn(n), self.dropout, self.training), residual
 
 
 @dataclass
@@ -117,44 +40,40 @@ class _LayerCache:
     self_k: torch.Tensor  # (B, H, T_max, Dh), filled up to the current position
     self_v: torch.Tensor
 
+    def write(self, k, v, pos: int):
+        """Store the newest token's K/V at `pos`; return the K/V of positions 0..pos (what
+        fastdiss.model.Attention attends to when given this cache)."""
+        self.self_k[:, :, pos:pos + 1] = k
+        self.self_v[:, :, pos:pos + 1] = v
+        return self.self_k[:, :, :pos + 1], self.self_v[:, :, :pos + 1]
+
     def reorder(self, index: torch.Tensor) -> None:
         """Follow the surviving beams. Cross K/V stay: every beam of a sentence shares its source."""
         self.self_k = self.self_k.index_select(0, index)
         self.self_v = self.self_v.index_select(0, index)
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, d_model, n_heads, d_ff, dropout):
-        super().__init__()
-        self.heads = _Heads(n_heads)
-        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.self_qkv, self.self_out = nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model)
-        self.cross_q, self.cross_kv = nn.Linear(d_model, d_model), nn.Linear(d_model, 2 * d_model)
-        self.cross_out = nn.Linear(d_model, d_model)
-        self.ffn = FeedForward(d_model, d_ff, dropout)
-        self.dropout, self.fused = dropout, True
+# Weights saved before the AR model shared fastdiss.model's layers (shipped models, older runs):
+# per layer a fused (3d, d) self-attention `qkv` / `self_qkv` and other sublayer names.
+_RENAMED = {"ln1": "norm1", "ln2": "norm2", "ln3": "norm3", "out": "attn.out_proj", "self_out": "self_attn.out_proj",
+            "cross_q": "cross_attn.q_proj", "cross_kv": "cross_attn.kv_proj", "cross_out": "cross_attn.out_proj"}
+_FUSED_QKV = {"qkv": "attn", "self_qkv": "self_attn"}   # rows [0, d) -> q_proj, rows [d, 3d) -> kv_proj
 
-    def cross_keys_values(self, memory):
-        return self.heads.split(self.cross_kv(memory), 2)
 
-    def forward(self, delta, residual, cross_k, cross_v, src_mask, cache: _LayerCache | None = None, pos: int = 0):
-        """Full sequence (cache None, causal self-attention; target padding needs no mask because a
-        causal query never sees a later pad) or one new token at position `pos` (cache given)."""
-        n, residual = _add_norm(delta, residual, self.ln1, self.fused)
-        q, k, v = self.heads.split(self.self_qkv(n), 3)
-        if cache is None:
-            a = _attention(q, k, v, is_causal=True, fused=self.fused)
-        else:
-            cache.self_k[:, :, pos:pos + 1] = k
-            cache.self_v[:, :, pos:pos + 1] = v
-            a = _attention(q, cache.self_k[:, :, :pos + 1], cache.self_v[:, :, :pos + 1], fused=self.fused)
-        a = self.self_out(self.heads.merge(a))
-        n, residual = _add_norm(F.dropout(a, self.dropout, self.training), residual, self.ln2, self.fused)
-        (q,) = self.heads.split(self.cross_q(n), 1)
-        c = _attention(q, cross_k, cross_v, key_padding_mask=src_mask, fused=self.fused)
-        c = self.cross_out(self.heads.merge(c))
-        n, residual = _add_norm(F.dropout(c, self.dropout, self.training), residual, self.ln3, self.fused)
-        return F.dropout(self.ffn(n), self.dropout, self.training), residual
+def upgrade_state_dict(state: dict, prefix: str = "") -> dict:
+    """Rename, in place, the parameters of an older-layout AR state dict to the current names (a
+    fused qkv projection is split into q_proj and kv_proj rows; values are unchanged). A current
+    state dict is left as it is. Returns `state`."""
+    for key in [k for k in state if k.startswith((prefix + "encoder.", prefix + "decoder."))]:
+        layer, name, kind = key.rsplit(".", 2)   # e.g. "encoder.0", "qkv", "weight"
+        if name in _RENAMED:
+            state[f"{layer}.{_RENAMED[name]}.{kind}"] = state.pop(key)
+        elif name in _FUSED_QKV:
+            qkv = state.pop(key)
+            d = qkv.shape[0] // 3
+            state[f"{layer}.{_FUSED_QKV[name]}.q_proj.{kind}"] = qkv[:d]
+            state[f"{layer}.{_FUSED_QKV[name]}.kv_proj.{kind}"] = qkv[d:]
+    return state
 
 
 @dataclass
@@ -179,14 +98,13 @@ class ARTransformer(nn.Module):
         for name, value in (("pad_id", pad_id), ("bos_id", bos_id), ("eos_id", eos_id)):
             if value >= vocab_size:
                 raise ValueError(f"{name}={value} is outside the vocabulary (vocab_size={vocab_size})")
-        self.cfg = model_cfg
-        d, h = int(_cfg(model_cfg, "d_model")), int(_cfg(model_cfg, "n_heads"))
-        if d % h:
-            raise ValueError(f"d_model={d} must be divisible by n_heads={h}")
-        d_ff, dropout = int(_cfg(model_cfg, "d_ff")), float(getattr(model_cfg, "dropout", 0.0) or 0.0)
-        self.max_len = int(_cfg(model_cfg, "max_len"))
+        if not isinstance(model_cfg, ModelConfig):
+            raise TypeError(f"model_cfg must be a fastdiss.config.ModelConfig, got {type(model_cfg).__name__}")
+        cfg = self.cfg = model_cfg
+        d, dropout = cfg.d_model, cfg.dropout
+        self.max_len = cfg.max_len
         self.vocab_size, self.pad_id, self.bos_id, self.eos_id = vocab_size, pad_id, bos_id, eos_id
-        self.d_model, self.n_heads, self.dropout = d, h, dropout
+        self.d_model, self.n_heads, self.dropout = d, cfg.n_heads, dropout
         ls = getattr(model_cfg, "label_smoothing", None)
         self.label_smoothing = float(label_smoothing if ls is None else ls)
 
@@ -196,12 +114,12 @@ class ARTransformer(nn.Module):
         self.tgt_pos = nn.Embedding(self.max_len + 2, d)  # bos + max_len tokens + eos
         nn.init.normal_(self.src_pos.weight, std=0.02)
         nn.init.normal_(self.tgt_pos.weight, std=0.02)
-        self.encoder = nn.ModuleList(EncoderLayer(d, h, d_ff, dropout) for _ in range(int(_cfg(model_cfg, "n_enc"))))
-        self.decoder = nn.ModuleList(DecoderLayer(d, h, d_ff, dropout) for _ in range(int(_cfg(model_cfg, "n_dec"))))
-        self.enc_ln, self.dec_ln = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.fused = bool(getattr(model_cfg, "use_kernels", True))
-        for layer in (*self.encoder, *self.decoder):
-            layer.fused = self.fused
+        # the denoiser's pre-LN layers; the FFN also drops its hidden activations (fairseq's recipe)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg, activation_dropout=dropout) for _ in range(cfg.n_enc))
+        self.decoder = nn.ModuleList(DecoderLayer(cfg, activation_dropout=dropout) for _ in range(cfg.n_dec))
+        self.enc_ln, self.dec_ln = LayerNorm(d, cfg.use_kernels), LayerNorm(d, cfg.use_kernels)
+        self.register_load_state_dict_pre_hook(
+            lambda module, state, prefix, *args: upgrade_state_dict(state, prefix))
 
     # ---- network ----------------------------------------------------------------------------
     def _embed(self, tokens, pos_table, offset=0):
@@ -215,7 +133,7 @@ class ARTransformer(nn.Module):
         delta, residual = self._embed(src, self.src_pos), None
         for layer in self.encoder:
             delta, residual = layer(delta, residual, src_mask)
-        return _add_norm(delta, residual, self.enc_ln, self.fused)[0]
+        return add_and_norm(self.enc_ln, delta, residual)[0]
 
     def logits(self, h):
         return F.linear(h, self.embed.weight)
@@ -224,9 +142,9 @@ class ARTransformer(nn.Module):
         """Teacher-forced decoder over a whole prefix (no cache) -> logits (B, L, V)."""
         delta, residual = self._embed(dec_in, self.tgt_pos), None
         for layer in self.decoder:
-            k, v = layer.cross_keys_values(memory)
-            delta, residual = layer(delta, residual, k, v, src_mask)
-        return self.logits(_add_norm(delta, residual, self.dec_ln, self.fused)[0])
+            k, v = layer.cross_attn.project_kv(memory)
+            delta, residual = layer(delta, residual, None, k, v, src_mask, is_causal=True)
+        return self.logits(add_and_norm(self.dec_ln, delta, residual)[0])
 
     def _check_src(self, src, src_mask):
         if not isinstance(src, torch.Tensor) or src.dtype != torch.int64 or src.dim() != 2:
@@ -302,7 +220,7 @@ class ARTransformer(nn.Module):
         Dh = self.d_model // self.n_heads
         caches = []
         for layer in self.decoder:
-            k, v = layer.cross_keys_values(memory)
+            k, v = layer.cross_attn.project_kv(memory)
             empty = k.new_zeros(batch, self.n_heads, steps, Dh)  # k's dtype: bf16 under autocast
             caches.append(_LayerCache(k, v, empty, empty.clone()))
         return caches
@@ -311,8 +229,8 @@ class ARTransformer(nn.Module):
         """One decoder step on the newest tokens (B,) at position pos -> log-probs (B, V)."""
         delta, residual = self._embed(tokens[:, None], self.tgt_pos, offset=pos), None
         for layer, cache in zip(self.decoder, caches):
-            delta, residual = layer(delta, residual, cache.cross_k, cache.cross_v, src_mask, cache=cache, pos=pos)
-        return self._mask_specials(_upcast(self.logits(_add_norm(delta, residual, self.dec_ln, self.fused)[0][:, 0])))
+            delta, residual = layer(delta, residual, None, cache.cross_k, cache.cross_v, src_mask, cache=cache, pos=pos)
+        return self._mask_specials(_upcast(self.logits(add_and_norm(self.dec_ln, delta, residual)[0][:, 0])))
 
     def _mask_specials(self, logits):
         logits[:, self.pad_id] = float("-inf")

@@ -75,7 +75,8 @@ def _sdpa(q, k, v, key_padding_mask=None, is_causal=False):
 
 class Attention(nn.Module):
     """Multi-head attention with separate query and key/value projections, so cross-attention
-    K/V can be projected once per source (project_kv) and passed in at every step."""
+    K/V can be projected once per source (project_kv) and passed in at every step; self-attention
+    can append its K/V to a cache for one-token-at-a-time decoding (the AR baseline)."""
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, use_kernels: bool = True):
         super().__init__()
@@ -94,11 +95,15 @@ class Attention(nn.Module):
         k, v = self.kv_proj(x).chunk(2, dim=-1)
         return self._heads(k), self._heads(v)
 
-    def forward(self, x, k=None, v=None, key_padding_mask=None, is_causal=False):
-        """Self-attention when k, v are None; else attention of x over the given (B, H, Lk, Dh) K/V."""
+    def forward(self, x, k=None, v=None, key_padding_mask=None, is_causal=False, cache=None, pos: int = 0):
+        """Self-attention when k, v are None; else attention of x over the given (B, H, Lk, Dh) K/V.
+        cache: self-attention K/V of the positions before `pos`; x's own K/V are written at pos
+        (cache.write(k, v, pos) returns the K/V of all positions so far)."""
         q = self._heads(self.q_proj(x))
         if k is None:
             k, v = self.project_kv(x)
+            if cache is not None:
+                k, v = cache.write(k, v, pos)
         if self.use_kernels:
             o = functional.attention(q, k, v, key_padding_mask=key_padding_mask, is_causal=is_causal)
         else:
@@ -108,23 +113,30 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
+    """fc2(gelu(fc1(x))) with dropout on the output and, if activation_dropout > 0, on the hidden
+    activations too (the AR baseline's recipe)."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, activation_dropout: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(d_model, d_ff)
         self.fc2 = nn.Linear(d_ff, d_model)
         self.dropout = nn.Dropout(dropout)
+        self.activation_dropout = activation_dropout
 
     def forward(self, x):
-        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
+        h = F.gelu(self.fc1(x))
+        if self.activation_dropout:
+            h = F.dropout(h, self.activation_dropout, self.training)
+        return self.dropout(self.fc2(h))
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, activation_dropout: float = 0.0):
         super().__init__()
         self.norm1 = LayerNorm(cfg.d_model, cfg.use_kernels)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout, cfg.use_kernels)
         self.norm2 = LayerNorm(cfg.d_model, cfg.use_kernels)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, activation_dropout)
 
     def forward(self, x, residual, src_mask):
         y, residual = add_and_norm(self.norm1, x, residual)
@@ -206,20 +218,21 @@ class EncoderState:
 
 
 class DecoderLayer(nn.Module):
-    """Bidirectional self-attention over the noisy target, cross-attention to the source, FFN."""
+    """Self-attention over the target (bidirectional with a padding mask for the denoiser; causal,
+    optionally with a KV cache, for the AR baseline), cross-attention to the source, FFN."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, activation_dropout: float = 0.0):
         super().__init__()
         self.norm1 = LayerNorm(cfg.d_model, cfg.use_kernels)
         self.self_attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout, cfg.use_kernels)
         self.norm2 = LayerNorm(cfg.d_model, cfg.use_kernels)
         self.cross_attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout, cfg.use_kernels)
         self.norm3 = LayerNorm(cfg.d_model, cfg.use_kernels)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, activation_dropout)
 
-    def forward(self, x, residual, tgt_mask, cross_k, cross_v, src_mask):
+    def forward(self, x, residual, tgt_mask, cross_k, cross_v, src_mask, is_causal=False, cache=None, pos: int = 0):
         y, residual = add_and_norm(self.norm1, x, residual)
-        x = self.self_attn(y, key_padding_mask=tgt_mask)
+        x = self.self_attn(y, key_padding_mask=tgt_mask, is_causal=is_causal, cache=cache, pos=pos)
         y, residual = self.norm2(x, residual)
         x = self.cross_attn(y, cross_k, cross_v, key_padding_mask=src_mask)
         y, residual = self.norm3(x, residual)
