@@ -62,6 +62,11 @@ class ModelConfig:
     # False: z0 = LayerNorm(E[y]) without a learnt scale and shift, so the signal-to-noise ratio of
     # x_t cannot drift upwards during training (a learnt LayerNorm weight grew 1.0 -> 1.14 in 400 steps).
     latent_norm_affine: bool = False
+    # Balanced decoder input (ours): x_t is divided by its per-token RMS before the input projection
+    # (with noise factor 4, pure noise is 4x the scale of z0 and drowns the source copy at the
+    # start of training), and the copy projection starts at unit gain instead of std 0.02.
+    # False keeps the layout of models trained before it.
+    balanced_input: bool = False
     # True: attention / LayerNorm / projections go through fastdiss.functional, which follows
     # fastdiss.set_backend (Triton on CUDA by default). False: plain PyTorch ops (eager baseline).
     use_kernels: bool = True
@@ -104,6 +109,10 @@ class DiffusionConfig:
     mans_a_hi: float = 0.99          # p_i >= a_hi: r = 1
     mans_s_max: float = 0.5
     mans_source: str = "separate"    # separate: own no-grad pass at t; scp: reuse the SCP pass's prediction
+    # Glancing self-conditioning (ours, after GLAT): in a self-conditioned batch, a fraction
+    # glance_ratio of the tokens the no-grad pass got wrong are replaced in sc by their true z0, so
+    # the trained pass learns to finish a partly right draft (what sampling steps 2..K see). 0 = off.
+    glance_ratio: float = 0.0
     mse_weight: float = 1.0
     ce_weight: float = 1.0
     length_weight: float = 0.1
@@ -117,7 +126,7 @@ class DiffusionConfig:
         _check_positive(s, "noise_factor", self.noise_factor)
         if not 0.0 <= self.t_min < 1.0:
             raise ValueError(f"diffusion.t_min must lie in [0, 1), got {self.t_min!r}")
-        for name in ("self_cond_prob", "scp_prob", "mans_s_max"):
+        for name in ("self_cond_prob", "scp_prob", "mans_s_max", "glance_ratio"):
             _check_prob(s, name, getattr(self, name))
         _check_positive(s, "scp_k_max", self.scp_k_max)
         _check_positive(s, "scp_delta_max", self.scp_delta_max, allow_zero=True)
@@ -150,6 +159,9 @@ class TrainConfig:
     max_bad_steps: int = 20      # stop after this many consecutive non-finite losses / gradients
     log_every: int = 50
     seed: int = 0
+    # path of a trained AR checkpoint of the same size whose encoder and decoder layers start a fresh
+    # diffusion run (fastdiss/transfer.py); "" = random initialisation
+    init_from: str = ""
 
     def __post_init__(self):
         s = "train"

@@ -65,6 +65,19 @@ def rounding_loss(x0_hat, embeddings, targets):
     return functional.rounding_cross_entropy(x0_hat, embeddings, targets, ignore_index=IGNORE)
 
 
+def glance(sc, z0, embeddings, tgt, keep, ratio: float):
+    """Glancing self-conditioning: per sequence, round(ratio * #wrong) random target positions
+    (wrong = the draft sc rounds to another token than y) get their true z0 in place of the draft.
+    A bad draft reveals many tokens, a good one few (GLAT's adaptive curriculum, applied to the
+    self-conditioning input instead of the decoder input). sc, z0 (B, L, d_e); tgt, keep (B, L)."""
+    with torch.no_grad():
+        draft = (sc.float() @ embeddings.float().t()).argmax(-1)
+        n_reveal = (((draft != tgt) & keep).sum(1).float() * ratio).round()
+        order = torch.rand(tgt.shape, device=tgt.device).masked_fill(~keep, 2.0).argsort(1).argsort(1)
+        reveal = order < n_reveal[:, None]
+        return torch.where(reveal[..., None], z0.to(sc.dtype), sc)
+
+
 class DiffusionObjective(nn.Module):
     """loss(batch) -> (loss, stats). An nn.Module so DistributedDataParallel can wrap it
     (forward == loss) and every denoiser call happens inside DDP's forward."""
@@ -145,6 +158,8 @@ class DiffusionObjective(nn.Module):
                 sc = scp_pass if scp_pass is not None else perturbed_pass(t_tok, x_t)
             else:
                 sc = self._predict(x_t.detach(), t_tok, enc, tgt_mask)
+            if cfg.glance_ratio > 0:
+                sc = glance(sc, z0.detach(), model.target_embeddings().detach(), tgt, keep, cfg.glance_ratio)
 
         x0_hat = model(x_t, sc, t_tok, enc, tgt_mask)
 

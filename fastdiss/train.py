@@ -490,7 +490,11 @@ def build_model(cfg: Config, tokenizer, kind: str = "diffusion", vocab_size: int
     pad = pad_id if pad_id is not None else tokenizer.pad_id
     if kind == "diffusion":
         from fastdiss.model import Denoiser
-        return Denoiser(cfg.model, V, pad)
+        model = Denoiser(cfg.model, V, pad)
+        if cfg.train.init_from:   # a resumed run overwrites these weights with its own
+            from fastdiss.transfer import init_from_ar
+            init_from_ar(model, cfg.train.init_from)
+        return model
     from fastdiss.ar import ARTransformer
     return ARTransformer(cfg.model, V, pad, tokenizer.bos_id, tokenizer.eos_id)
 

@@ -167,3 +167,47 @@ def test_cpu_rounding_loss_matches_float64_cross_entropy(shape):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(E.grad.double(), Ed.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 1.0])
+def test_glance_reveals_round_ratio_times_wrong_tokens_of_each_draft(ratio):
+    from fastdiss.diffusion import glance
+    torch.manual_seed(int(ratio * 10))
+    B, L, d = 5, 9, 6
+    E = torch.randn(V, d)
+    tgt = torch.randint(1, V, (B, L))
+    keep = torch.arange(L)[None] < torch.tensor([9, 4, 7, 1, 9])[:, None]
+    z0, sc = torch.randn(B, L, d), torch.randn(B, L, d)
+    sc[0, :5] = E[tgt[0, :5]]                       # a draft that is partly right
+    out = glance(sc, z0, E, tgt, keep, ratio)
+    for b in range(B):
+        wrong = 0
+        for i in range(L):                          # nearest by dot product, written out per token
+            if keep[b, i] and max(range(V), key=lambda v: float(sc[b, i] @ E[v])) != int(tgt[b, i]):
+                wrong += 1
+        revealed = [i for i in range(L) if not torch.equal(out[b, i], sc[b, i])]
+        assert len(revealed) == math.floor(wrong * ratio + 0.5) or len(revealed) == round(wrong * ratio)
+        for i in range(L):
+            expected = z0[b, i] if i in revealed else sc[b, i]
+            assert torch.equal(out[b, i], expected)
+            assert keep[b, i] or i not in revealed
+
+
+def test_balanced_input_divides_x_t_by_its_token_rms_and_starts_the_copy_at_unit_gain():
+    m = model(balanced_input=True)
+    torch.manual_seed(1)
+    assert 0.8 < m.copy_proj.weight.std().item() * math.sqrt(m.cfg.d_model) < 1.2
+    src, src_mask, tgt, tgt_mask = batch()
+    enc = m.encode(src, src_mask)
+    x = torch.randn(tgt.shape[0], tgt.shape[1], m.cfg.d_latent, dtype=torch.float64).float()
+    scale = torch.rand(tgt.shape[0], tgt.shape[1], 1) * 5 + 0.1   # any per-token scale gives the same input
+    with torch.no_grad():
+        a = m(x, None, 0.7, enc, tgt_mask)
+        b = m(x * scale, None, 0.7, enc, tgt_mask)
+        plain = model(balanced_input=False)
+        plain.load_state_dict(m.state_dict())
+        rms = x.double().pow(2).mean(-1, keepdim=True).sqrt().float()
+        c = plain(x / rms, None, 0.7, enc, tgt_mask)
+    keep = ~tgt_mask
+    torch.testing.assert_close(a[keep], b[keep], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a[keep], c[keep], rtol=1e-4, atol=1e-5)
