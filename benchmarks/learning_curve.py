@@ -184,12 +184,22 @@ def r0_spacing(run: dict) -> str:
     return (run.get("final_sample") or run["config"]["sample"])["spacing"]
 
 
+def run_label(run: dict) -> str:
+    """The row a run is merged into: its variant, +distilled, its --set overrides (a screen of one
+    setting is its own row, never a seed of the default) and "long" for a run continued past the
+    others (its run folder's name has "-long"), whose later points are not averaged with shorter seeds."""
+    args = run["header"]["config"]["args"]
+    distilled = "distilled" in run["data"].get("train_data", "")
+    short = [s.split(".", 1)[-1].replace("runs/learning_curve/", "") for s in args.get("set") or []]
+    return (run["variant"] + ("+distilled" if distilled else "") + (f" [{', '.join(short)}]" if short else "")
+            + (" long" if "-long" in run.get("run", "") else ""))
+
+
 def merge(tag: str, run_dir: Path, out_dir: Path) -> dict:
-    runs = [common.read_json(p) for p in sorted(run_dir.glob("*/result.json"))]
+    runs = [{**common.read_json(p), "run": p.parent.name} for p in sorted(run_dir.glob("*/result.json"))]
     groups: dict = {}
     for r in runs:
-        distilled = "distilled" in r["data"].get("train_data", "")
-        groups.setdefault((r["task"], r["variant"] + ("+distilled" if distilled else "")), []).append(r)
+        groups.setdefault((r["task"], run_label(r)), []).append(r)
     summary = []
     for (task, variant), rs in sorted(groups.items()):
         entry = {"task": task, "variant": variant, "seeds": sorted(r["seed"] for r in rs),
