@@ -361,16 +361,10 @@ def _jsonable(obj):
 
 
 def write_json(obj, path: str | Path) -> Path:
-    """Write JSON atomically (tmp file in the same folder, flush, fsync, os.replace)."""
+    """Write JSON atomically (fastdiss.atomic): a reader never sees a half-written file."""
+    from fastdiss.atomic import write_bytes
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(_jsonable(obj), f, indent=1, sort_keys=False, allow_nan=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes(path, (json.dumps(_jsonable(obj), indent=1, sort_keys=False, allow_nan=False) + "\n").encode())
     return path
 
 

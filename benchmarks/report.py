@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
+
+from fastdiss.atomic import write_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -360,6 +360,15 @@ def learning_curve_block(results_dir: Path) -> str:
     return curve_table(merged) + f"\nSource: `benchmarks/results/{path.name}` (runs at commits {', '.join(commits)}).\n"
 
 
+@block("nat-diagnostics")
+def nat_diagnostics_block(results_dir: Path) -> str:
+    """First-step token diagnostics of trained runs, from nat-diagnostics-cpu.json."""
+    from benchmarks.nat_diagnostics import table
+    path = Path(results_dir) / "nat-diagnostics-cpu.json"
+    data = json.loads(path.read_text())
+    return table(data) + f"\n\nSource: `benchmarks/results/{path.name}` ({_commit(data)}).\n"
+
+
 @block("shipped-model")
 def shipped_model_block(results_dir: Path) -> str:
     """How the shipped models were trained, from their provenance.json files."""
@@ -374,17 +383,6 @@ def shipped_model_block(results_dir: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -412,7 +410,7 @@ def main(argv=None) -> int:
                                                    str(args.readme), "generated"))
         print(f"{args.readme} differs from `python -m benchmarks.report`; run it to update", file=sys.stderr)
         return 1
-    _write_atomic(args.readme, new)
+    write_bytes(args.readme, new.encode())
     print(f"{args.readme}: rewrote {len(block_names(text))} report blocks", file=sys.stderr)
     return 0
 

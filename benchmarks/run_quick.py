@@ -20,23 +20,14 @@ On a 2-core machine shared with other work, one torch thread per process is much
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
 from benchmarks import common
+from fastdiss.atomic import write_bytes
 
 QUICK_STEPS = (1, 2, 4, 8, 16, 32, 1000)
 QUICK_MBR_STEPS = (1, 2, 4, 8, 16, 32)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> dict:
@@ -113,7 +104,7 @@ def main(argv=None) -> dict:
     tables.append(f"Total wall time of this invocation: {minutes:.1f} min.")
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / f"{tag}-tables.md"
-    _write_text(md, "\n".join(tables) + "\n")
+    write_bytes(md, ("\n".join(tables) + "\n").encode())
     print("\n".join(tables), flush=True)
     print(f"wrote {md}\n==> make bench finished in {minutes:.1f} min", flush=True)
     done["minutes"] = minutes

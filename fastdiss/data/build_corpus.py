@@ -35,6 +35,7 @@ import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
+from fastdiss.atomic import write_bytes
 from fastdiss.data.corpus import CORPORA_DIR, TASK_SPECS  # task -> (source bible, target bible, text)
 from fastdiss.data.tokenizer import Tokenizer
 
@@ -219,15 +220,6 @@ def split_pairs(pairs: list[VersePair], train_size: int = TRAIN_SIZE, seed: int 
 
 
 # ---- writing -------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def tsv_bytes(pairs) -> bytes:
     """`src<TAB>tgt\\n` lines, UTF-8. Cleaning guarantees no tab or newline inside a side."""
     lines = []
@@ -243,7 +235,7 @@ def write_tsv_gz(path: str | os.PathLike, pairs) -> None:
     buf = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=9, mtime=0) as gz:
         gz.write(tsv_bytes(pairs))
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    write_bytes(path, buf.getvalue())
 
 
 # ---- one task ------------------------------------------------------------------------------------

@@ -101,15 +101,9 @@ class Tokenizer:
         return cls(hf)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the JSON atomically (a reader never sees a half-written file)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(self.to_json_str())
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        """Writes the JSON atomically (fastdiss.atomic: a reader never sees a half-written file)."""
+        from fastdiss.atomic import write_bytes
+        write_bytes(path, (self.to_json_str() + "\n").encode("utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
