@@ -192,7 +192,7 @@ def plan(ck, sources: list, step_counts: list[int] | None, *, batch_size: int, d
 
 
 def check_steps(value: int) -> int:
-    """The upper bound on sampling steps (argparse types in fastdiss.cli call this)."""
+    """The upper bound on sampling steps (fastdiss.argtypes.step_count calls this)."""
     if value > MAX_STEPS:
         raise ValueError(f"{value} sampling steps is above the limit of {MAX_STEPS} (few-step models need 1-16; "
                          f"the many-step baseline is 1000)")
