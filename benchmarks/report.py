@@ -360,6 +360,15 @@ def learning_curve_block(results_dir: Path) -> str:
     return curve_table(merged) + f"\nSource: `benchmarks/results/{path.name}` (runs at commits {', '.join(commits)}).\n"
 
 
+@block("nat-diagnostics")
+def nat_diagnostics_block(results_dir: Path) -> str:
+    """First-step token diagnostics of trained runs, from nat-diagnostics-cpu.json."""
+    from benchmarks.nat_diagnostics import table
+    path = Path(results_dir) / "nat-diagnostics-cpu.json"
+    data = json.loads(path.read_text())
+    return table(data) + f"\n\nSource: `benchmarks/results/{path.name}` ({_commit(data)}).\n"
+
+
 @block("shipped-model")
 def shipped_model_block(results_dir: Path) -> str:
     """How the shipped models were trained, from their provenance.json files."""
