@@ -12,6 +12,7 @@ import torch
 
 import fastdiss
 from fastdiss import _ext
+from fastdiss.schedule import alpha_sigma
 
 if os.environ.get("FASTDISS_NO_EXT") == "1":
     pytest.skip("FASTDISS_NO_EXT=1: the extension is deliberately not built", allow_module_level=True)
@@ -30,8 +31,8 @@ def make_step_inputs(B, L, D, dtype, device="cpu"):
     """Random latents and per-token (alpha, sigma) of the sqrt schedule at t in (0.05, 1), s in (0, t)."""
     t = torch.rand(B, L, device=device) * 0.95 + 0.05
     s = t * torch.rand(B, L, device=device)
-    a_t, s_t = fastdiss.schedule.alpha_sigma(t, "sqrt")
-    a_s, s_s = fastdiss.schedule.alpha_sigma(s, "sqrt")
+    a_t, s_t = alpha_sigma(t, "sqrt")
+    a_s, s_s = alpha_sigma(s, "sqrt")
     x0_hat = torch.randn(B, L, D, device=device).to(dtype)
     x_t = torch.randn(B, L, D, device=device).to(dtype)
     return x0_hat, x_t, a_t.float(), s_t.float(), a_s.float(), s_s.float()
