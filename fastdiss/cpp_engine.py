@@ -6,8 +6,10 @@ AOTInductor encoder, once per batch) and `denoise` (all K steps in one C++ call,
 step). Given the same initial noise it reproduces the Python loop: same schedule values, same
 fused step op, same self-conditioning hand-over.
 
-The C++ class is torch.classes.fastdiss.AOTISampler, part of fastdiss._C. The per-step schedule
-values come from fastdiss.python_engine.step_schedule, so the C++ loop does no schedule math.
+The C++ class is torch.classes.fastdiss.AOTISampler, part of fastdiss._C. The C++ loop does no
+schedule or length math: `denoise` passes it python_engine.step_schedule's tables for the Sampler's
+grid; `generate` (the whole generation in C++, as fastdiss_generate runs it) uses the tables that
+`fastdiss export` stored for its step counts and the lengths the exported encoder predicts.
 """
 from __future__ import annotations
 
@@ -77,17 +79,17 @@ class CppEngine:
         return out
 
     # -- whole generation in C++ (what csrc/example/generate.cpp does) -------------------------
-    def generate(self, src, src_mask, lengths=None, noise=None, steps: int = 4, spacing: str | None = None,
-                 time_shift: float | None = None, clamp: bool = False, seed: int = 0):
+    def generate(self, src, src_mask, lengths=None, noise=None, steps: int | None = None, clamp: bool = False,
+                 seed: int = 0):
         """(ids list per sentence, latents) with one candidate per sentence: top-1 predicted length
-        (or `lengths`), noise from a CPU generator seeded with `seed` unless `noise` is given. spacing and
-        time_shift default to the exported model's SampleConfig (as the Python sampler's do)."""
-        spacing = self.manifest.get("default_spacing", "uniform") if spacing is None else spacing
-        time_shift = float(self.manifest.get("default_time_shift", 0.0)) if time_shift is None else time_shift
+        (or `lengths`), noise from a CPU generator seeded with `seed` unless `noise` is given. steps
+        (default: the export's) must be one the export stored a table for; the spacing and time shift
+        are the export's (manifest "spacing", "time_shift")."""
+        steps = int(self.manifest["default_steps"]) if steps is None else int(steps)
         B = src.shape[0]
         lens = torch.full((B,), -1, dtype=torch.long) if lengths is None else torch.as_tensor(lengths).long()
-        ids, lens, _, latents, _ = self.sampler.generate(src, src_mask, lens.to(src.device), noise, int(steps),
-                                                         spacing, float(time_shift), bool(clamp), int(seed))
+        ids, lens, _, latents, _ = self.sampler.generate(src, src_mask, lens.to(src.device), noise, steps,
+                                                         bool(clamp), int(seed))
         ids, lens = ids.tolist(), lens.tolist()
         return [row[:n] for row, n in zip(ids, lens)], latents
 
@@ -97,8 +99,8 @@ class CppEngine:
 
 
 def _state(enc) -> list:
-    """EncoderState -> the C++ state list [memory, length_logits, k_0, v_0, ...]; the loop does not read
-    the length logits, so an empty (B, 0) placeholder stands in for them."""
+    """EncoderState -> the C++ state list [memory, lengths, k_0, v_0, ...]; the loop does not read the
+    lengths, so an empty (B, 0) placeholder stands in for them."""
     state = [enc.out, enc.out.new_empty(enc.out.shape[0], 0)]
     for k, v in enc.cross_kv:
         state += [k, v]

@@ -1,15 +1,22 @@
 """Export a trained denoiser for the C++ sampler: two AOTInductor packages and what the loop needs.
 
-    fastdiss export --ckpt model.pt --out exported/        (or python -m fastdiss.export ...)
+    fastdiss export --ckpt model.pt --out exported/ [--steps-list 1,2,4,8,16] [--spacing S] [--time-shift F]
 
 writes into `out`:
-    encoder.pt2      (src, src_mask) -> (memory, length_logits, k_0, v_0, ..., k_{n-1}, v_{n-1})
+    encoder.pt2      (src, src_mask) -> (memory, lengths, k_0, v_0, ..., k_{n-1}, v_{n-1}); lengths (B,)
+                     is the top-1 predicted length, by the Sampler's own rule (sampling.predict_lengths)
     decoder.pt2      (x_t, sc, t, tgt_mask, memory, src_mask, k_0, v_0, ...) -> x0_hat
     embedding.pt     norm(E) (V, d_e): the rounding head and the clamp targets (torch.save, read by
                      torch.load in Python and torch::pickle_load in C++)
     manifest.json    schedule, noise factor, sizes, pad id, input/output order, weights fingerprint,
-                     the sha256 of the three files above and (from `fastdiss export`) the checkpoint
-                     it was made from
+                     the per-step tables, the sha256 of the three files above and (from `fastdiss
+                     export`) the checkpoint it was made from
+
+The step tables: for every K in the steps list (default 1, 2, 4, 8, 16 and the checkpoint's
+SampleConfig.steps), the network time per step and alpha / sigma per grid point that
+python_engine.step_schedule gives for the SampleConfig's spacing and time shift. The C++ sampler
+reads them instead of evaluating the schedule, so the schedule, the time grid and the length rule
+exist in Python only; a K that was not exported is refused with the list of those that were.
 
 Loading an export (load_manifest, which the C++ engine calls) verifies it: a file whose sha256
 differs from the manifest's is damaged (DamagedExportError), and an export whose checkpoint now
@@ -50,10 +57,12 @@ import torch.nn as nn
 from fastdiss.atomic import write_bytes, write_with
 
 FORMAT = "fastdiss-aoti"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: the encoder returns predicted lengths; the manifest holds the step tables
 ENCODER_FILE, DECODER_FILE, EMBEDDING_FILE, MANIFEST_FILE = "encoder.pt2", "decoder.pt2", "embedding.pt", \
     "manifest.json"
 MAX_BATCH = 4096   # largest batch (sentences x candidates) the exported graphs accept
+DEFAULT_STEPS_LIST = (1, 2, 4, 8, 16)   # step counts with a stored table, besides SampleConfig.steps
+REEXPORT = "re-run `fastdiss export --ckpt CKPT --out DIR`"
 
 
 class DamagedExportError(ValueError):
@@ -84,15 +93,18 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 class EncoderGraph(nn.Module):
-    """Denoiser.encode + length_logits as one graph with a flat tensor output."""
+    """Denoiser.encode + the top-1 predicted length (the Sampler's rule, capped at `cap`) as one graph
+    with a flat tensor output."""
 
-    def __init__(self, model):
+    def __init__(self, model, cap: int):
         super().__init__()
         self.model = model
+        self.cap = cap
 
     def forward(self, src, src_mask):
+        from fastdiss.sampling import predict_lengths
         enc = self.model.encode(src, src_mask)
-        flat = [enc.out, self.model.length_logits(enc)]
+        flat = [enc.out, predict_lengths(self.model.length_logits(enc), self.cap)[:, 0]]
         for k, v in enc.cross_kv:
             flat += [k, v]
         return tuple(flat)
@@ -140,8 +152,9 @@ def _example_inputs(model, device, batch=3, src_len=7, tgt_len=5):
     return [x.to(device) for x in (src, src_mask, x_t, sc, t, tgt_mask)]
 
 
-def export_programs(model, device=None):
-    """(encoder ExportedProgram, decoder ExportedProgram) with dynamic batch, source and target length."""
+def export_programs(model, device=None, length_cap: int | None = None):
+    """(encoder ExportedProgram, decoder ExportedProgram) with dynamic batch, source and target length;
+    the encoder predicts lengths up to length_cap (default: the model's max_len)."""
     from torch.export import Dim
 
     device = torch.device(device or next(model.parameters()).device)
@@ -150,10 +163,11 @@ def export_programs(model, device=None):
     src_len = Dim("src_len", min=1, max=max_len)
     tgt_len = Dim("tgt_len", min=1, max=max_len)
     src, src_mask, x_t, sc, t, tgt_mask = _example_inputs(model, device)
+    encoder = EncoderGraph(model, length_cap or max_len)
     with _export_mode(), torch.no_grad():
-        enc_prog = torch.export.export(EncoderGraph(model), (src, src_mask),
+        enc_prog = torch.export.export(encoder, (src, src_mask),
                                        dynamic_shapes=({0: batch, 1: src_len}, {0: batch, 1: src_len}))
-        enc_out = EncoderGraph(model)(src, src_mask)
+        enc_out = encoder(src, src_mask)
         # contiguous examples: the compiled decoder assumes the layout of its example inputs, and the
         # C++ loop passes contiguous tensors
         memory, cross = enc_out[0].contiguous(), [c.contiguous() for c in enc_out[2:]]
@@ -167,8 +181,9 @@ def export_programs(model, device=None):
 
 
 def _compile(program, path: Path, metadata: dict | None = None) -> None:
-    """AOTInductor package at `path`, written to a temporary name first so a crash leaves no torn file."""
-    configs = {"aot_inductor.metadata": {k: str(v) for k, v in (metadata or {}).items()}} if metadata else {}
+    """AOTInductor package at `path` (metadata: string values), written to a temporary name first so a
+    crash leaves no torn file."""
+    configs = {"aot_inductor.metadata": metadata} if metadata else {}
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.pt2")
     try:
         with _export_mode():
@@ -179,10 +194,35 @@ def _compile(program, path: Path, metadata: dict | None = None) -> None:
             tmp.unlink()
 
 
-def manifest_for(model, diffusion_cfg, sample_cfg=None, device="cpu") -> dict:
-    """Everything a loop needs besides the graphs. Values are primitives (also stored as strings in
-    decoder.pt2's metadata for C++)."""
+def step_tables(schedule: str, spacing: str, time_shift: float, steps_list) -> dict:
+    """{"K": {"t_net": [K floats], "alpha": [K+1], "sigma": [K+1]}}: python_engine.step_schedule's float32
+    values as Python floats, which JSON and the decoder metadata write in a form that reads back exactly."""
+    from fastdiss.python_engine import step_schedule
+    from fastdiss.schedule import time_grid
+    tables = {}
+    for k in steps_list:
+        t_net, alpha, sigma = step_schedule(time_grid(k, spacing), schedule, time_shift)
+        tables[str(k)] = {"t_net": t_net.tolist(), "alpha": alpha.tolist(), "sigma": sigma.tolist()}
+    return tables
+
+
+def _steps_list(steps_list, default_steps: int) -> list:
+    """Sorted distinct positive step counts, always including the default."""
+    steps = set(DEFAULT_STEPS_LIST if steps_list is None else steps_list) | {default_steps}
+    if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in steps):
+        raise ValueError(f"steps_list must hold positive integers, got {sorted(steps, key=str)}")
+    return sorted(steps)
+
+
+def manifest_for(model, diffusion_cfg, sample_cfg=None, device="cpu", steps_list=None) -> dict:
+    """Everything a loop needs besides the graphs. Values are primitives (decoder_metadata stores them
+    as strings in decoder.pt2 for C++)."""
+    from fastdiss.config import SampleConfig
+    from fastdiss.sampling import length_cap
+
     cfg = model.cfg
+    sample_cfg = sample_cfg or SampleConfig()   # the Sampler's defaults
+    steps = _steps_list(steps_list, int(sample_cfg.steps))
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -197,20 +237,35 @@ def manifest_for(model, diffusion_cfg, sample_cfg=None, device="cpu") -> dict:
         "vocab_size": int(model.vocab_size),
         "pad_id": int(model.pad_id),
         "max_batch": MAX_BATCH,
-        "default_steps": int(sample_cfg.steps) if sample_cfg else 4,
-        "default_spacing": sample_cfg.spacing if sample_cfg else "uniform",
-        "default_time_shift": float(sample_cfg.time_shift) if sample_cfg else 0.0,
-        "default_clamp": int(bool(sample_cfg.clamp)) if sample_cfg else 0,
+        "length_cap": length_cap(model, sample_cfg),
+        "default_steps": int(sample_cfg.steps),
+        "default_clamp": int(bool(sample_cfg.clamp)),
+        "spacing": sample_cfg.spacing,
+        "time_shift": float(sample_cfg.time_shift),
+        "steps_list": steps,
+        "step_tables": step_tables(diffusion_cfg.schedule, sample_cfg.spacing, float(sample_cfg.time_shift), steps),
         "weights_sha256": weights_fingerprint(model),
-        "encoder_outputs": "memory,length_logits," + ",".join(f"k{i},v{i}" for i in range(cfg.n_dec)),
+        "encoder_outputs": "memory,lengths," + ",".join(f"k{i},v{i}" for i in range(cfg.n_dec)),
         "decoder_inputs": "x_t,sc,t,tgt_mask,memory,src_mask," + ",".join(f"k{i},v{i}" for i in range(cfg.n_dec)),
     }
 
 
+def decoder_metadata(manifest: dict) -> dict:
+    """The manifest as the flat string map C++ reads from decoder.pt2 (no JSON parser there): lists
+    comma-separated, each step table as t_net_K, alpha_K, sigma_K."""
+    def text(v):
+        return ",".join(map(repr, v)) if isinstance(v, list) else str(v)
+    flat = {k: text(v) for k, v in manifest.items() if k != "step_tables"}
+    for k, table in manifest["step_tables"].items():
+        flat.update({f"{name}_{k}": text(values) for name, values in table.items()})
+    return flat
+
+
 def export_denoiser(model, diffusion_cfg, out_dir, sample_cfg=None, device=None, verbose: bool = False,
-                    source: dict | None = None) -> dict:
+                    source: dict | None = None, steps_list=None) -> dict:
     """Export a live Denoiser (see the module docstring); returns the manifest. source: the checkpoint
-    it comes from ({"path", "sha256", "bytes", "mtime_ns"}), recorded so a stale export is found."""
+    it comes from ({"path", "sha256", "bytes", "mtime_ns"}), recorded so a stale export is found.
+    steps_list: step counts to store tables for (default DEFAULT_STEPS_LIST; sample_cfg.steps always)."""
     from fastdiss.config import DiffusionConfig
     from fastdiss.model import Denoiser
 
@@ -224,12 +279,12 @@ def export_denoiser(model, diffusion_cfg, out_dir, sample_cfg=None, device=None,
     was_training = model.training
     model.eval()
     try:
-        manifest = manifest_for(model, diffusion_cfg, sample_cfg, device)
+        manifest = manifest_for(model, diffusion_cfg, sample_cfg, device, steps_list)
         t0 = time.perf_counter()
-        enc_prog, dec_prog = export_programs(model, device)
+        enc_prog, dec_prog = export_programs(model, device, manifest["length_cap"])
         if verbose:
             print(f"[export] torch.export: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        for prog, name, meta in ((enc_prog, ENCODER_FILE, None), (dec_prog, DECODER_FILE, manifest)):
+        for prog, name, meta in ((enc_prog, ENCODER_FILE, None), (dec_prog, DECODER_FILE, decoder_metadata(manifest))):
             t0 = time.perf_counter()
             _compile(prog, out / name, meta)
             if verbose:
@@ -248,8 +303,12 @@ def export_denoiser(model, diffusion_cfg, out_dir, sample_cfg=None, device=None,
     return manifest
 
 
-def export_model(ckpt_path, out_dir, device: str = "cpu", verbose: bool = False) -> dict:
-    """`fastdiss export`: load a diffusion checkpoint (EMA weights when saved) and export it."""
+def export_model(ckpt_path, out_dir, device: str = "cpu", verbose: bool = False, steps_list=None,
+                 spacing: str | None = None, time_shift: float | None = None) -> dict:
+    """`fastdiss export`: load a diffusion checkpoint (EMA weights when saved) and export it. The step
+    tables use the checkpoint's SampleConfig spacing and time shift unless given here."""
+    import dataclasses
+
     from fastdiss import checkpoint
 
     ck = checkpoint.load(ckpt_path, map_location=device)
@@ -259,8 +318,13 @@ def export_model(ckpt_path, out_dir, device: str = "cpu", verbose: bool = False)
     st = os.stat(ckpt_path)
     source = {"path": os.path.abspath(ckpt_path), "sha256": file_sha256(ckpt_path), "bytes": st.st_size,
               "mtime_ns": st.st_mtime_ns}
-    return export_denoiser(ck.model, ck.cfg.diffusion, out_dir, sample_cfg=ck.cfg.sample, device=device,
-                           verbose=verbose, source=source)
+    sample_cfg = ck.cfg.sample
+    if spacing is not None:
+        sample_cfg = dataclasses.replace(sample_cfg, spacing=spacing)
+    if time_shift is not None:
+        sample_cfg = dataclasses.replace(sample_cfg, time_shift=time_shift)
+    return export_denoiser(ck.model, ck.cfg.diffusion, out_dir, sample_cfg=sample_cfg, device=device,
+                           verbose=verbose, source=source, steps_list=steps_list)
 
 
 def load_manifest(export_dir, verify: bool = True) -> dict:
@@ -282,7 +346,8 @@ def load_manifest(export_dir, verify: bool = True) -> dict:
         raise DamagedExportError(f"{os.fspath(path)!r} is damaged (not a JSON object); re-run `fastdiss export`")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{os.fspath(path)!r} has format {manifest.get('format')!r} version "
-                         f"{manifest.get('format_version')!r}; expected {FORMAT!r} version {FORMAT_VERSION}")
+                         f"{manifest.get('format_version')!r}; expected {FORMAT!r} version {FORMAT_VERSION} "
+                         f"(made by an older fastdiss: {REEXPORT})")
     missing = [f for f in (ENCODER_FILE, DECODER_FILE, EMBEDDING_FILE) if not (d / f).is_file()]
     if missing:
         raise FileNotFoundError(f"export {os.fspath(d)!r} lacks {missing}; re-run `fastdiss export`")
@@ -332,16 +397,37 @@ def _check_not_stale(d: Path, manifest: dict) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from fastdiss.config import SPACINGS
+
     parser.add_argument("--ckpt", required=True, help="diffusion checkpoint (fastdiss.checkpoint format)")
     parser.add_argument("--out", required=True, help="output folder for encoder.pt2, decoder.pt2, ...")
     parser.add_argument("--device", default="cpu", help="device the packages are compiled for (cpu | cuda)")
+    parser.add_argument("--steps-list", type=_parse_steps, default=None,
+                        help="step counts K the C++ sampler can run, comma-separated (default: "
+                             f"{','.join(map(str, DEFAULT_STEPS_LIST))}, plus the checkpoint's sample steps)")
+    parser.add_argument("--spacing", default=None, choices=SPACINGS,
+                        help="time spacing of the step tables (default: the checkpoint's sample config)")
+    parser.add_argument("--time-shift", type=float, default=None,
+                        help="network time shift of the step tables (default: the checkpoint's sample config)")
     return parser
 
 
+def _parse_steps(text: str) -> list:
+    try:
+        steps = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return steps
+
+
 def run(args) -> int:
-    manifest = export_model(args.ckpt, args.out, device=args.device, verbose=True)
+    manifest = export_model(args.ckpt, args.out, device=args.device, verbose=True, steps_list=args.steps_list,
+                            spacing=args.spacing, time_shift=args.time_shift)
     print(f"exported {args.ckpt} -> {args.out} (schedule {manifest['schedule']}, d_latent {manifest['d_latent']}, "
-          f"vocab {manifest['vocab_size']})")
+          f"vocab {manifest['vocab_size']}, steps {','.join(map(str, manifest['steps_list']))}, "
+          f"{manifest['spacing']} spacing, time shift {manifest['time_shift']})")
     return 0
 
 

@@ -63,11 +63,7 @@ class Sampler:
 
     def _lengths(self, enc, length_beam: int):
         """Top-b predicted lengths per sentence, (B, b), restricted to 1..cap."""
-        logits = self.model.length_logits(enc).float()
-        cap = min(self.cfg.max_len or self.model.cfg.max_len, self.model.cfg.max_len)
-        logits[:, 0] = float("-inf")
-        logits[:, cap + 1:] = float("-inf")
-        return logits.topk(min(length_beam, cap), dim=-1).indices
+        return predict_lengths(self.model.length_logits(enc), length_cap(self.model, self.cfg), length_beam)
 
     @torch.no_grad()
     def generate(self, src, src_mask, steps: int | None = None, *, length_beam: int | None = None,
@@ -186,6 +182,20 @@ class Sampler:
             calls, used_steps = res.calls_per_sentence, res.steps
         return GenerationResult(ids=ids, single_ids=single, candidates=cands, calls_per_sentence=calls,
                                 steps=used_steps)
+
+
+def length_cap(model, sample_cfg: SampleConfig) -> int:
+    """Longest target the sampler generates: SampleConfig.max_len (0 = no cap) within the model's max_len."""
+    return min(sample_cfg.max_len or model.cfg.max_len, model.cfg.max_len)
+
+
+def predict_lengths(length_logits, cap: int, beam: int = 1):
+    """Top-`beam` target lengths per sentence (B, beam), best first, among 1..cap: the one length rule.
+    The exported encoder traces it too, so the C++ sampler receives lengths and computes none."""
+    logits = length_logits.float()
+    n = torch.arange(logits.shape[-1], device=logits.device)
+    logits = logits.masked_fill((n < 1) | (n > cap), float("-inf"))
+    return logits.topk(min(beam, cap), dim=-1).indices
 
 
 def pad_batch(seqs: list, pad_id: int, device=None):

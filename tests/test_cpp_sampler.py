@@ -7,6 +7,8 @@ long, so the build runs in a second process while the model exports.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -19,7 +21,7 @@ import torch
 from fastdiss import export, python_engine, sampling
 from fastdiss.config import SampleConfig, preset
 from fastdiss.model import Denoiser
-from fastdiss.schedule import SCHEDULES, time_grid
+from fastdiss.schedule import time_grid
 
 pytestmark = pytest.mark.slow
 
@@ -65,14 +67,23 @@ def cmake_build(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, cmake_build):
-    """A random-init tiny model saved as a checkpoint and exported the way `fastdiss export` does."""
+    """A random-init tiny model saved as a checkpoint and exported the way `fastdiss export` does, with
+    step tables for K = 1, 3 and the preset's 4, on a spacing and time shift other than the preset's."""
     from fastdiss import checkpoint
     model, cfg = _tiny_model()
     work = tmp_path_factory.mktemp("export")
     ckpt, out = work / "model.pt", work / "exported"
     checkpoint.save(ckpt, model, cfg, tokenizer=None)
-    assert export.main(["--ckpt", str(ckpt), "--out", str(out)]) == 0
+    assert export.main(["--ckpt", str(ckpt), "--out", str(out), "--steps-list", "3,1", "--spacing", "sqrt",
+                        "--time-shift", "0.5"]) == 0
     return model, cfg, out, export.load_manifest(out)
+
+
+def _sample_cfg(manifest, cfg, **overrides):
+    """The checkpoint's SampleConfig on the export's spacing and time shift: what the stored tables
+    and the exported length rule were made for."""
+    return dataclasses.replace(cfg.sample, spacing=manifest["spacing"], time_shift=manifest["time_shift"],
+                               length_beam=1, noise_draws=1, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -97,22 +108,37 @@ def test_export_writes_a_complete_manifest(exported):
     assert manifest["schedule"] == cfg.diffusion.schedule and manifest["d_latent"] == cfg.model.d_latent
     assert manifest["pad_id"] == PAD and manifest["vocab_size"] == VOCAB and manifest["n_dec"] == cfg.model.n_dec
     assert manifest["weights_sha256"] == export.weights_fingerprint(model)
+    assert manifest["steps_list"] == [1, 3, 4] and sorted(manifest["step_tables"], key=int) == ["1", "3", "4"]
+    assert (manifest["spacing"], manifest["time_shift"]) == ("sqrt", 0.5)
     emb = torch.load(out / export.EMBEDDING_FILE)
     torch.testing.assert_close(emb, model.target_embeddings().detach(), rtol=0, atol=1e-6)
 
 
-def test_cpp_schedule_is_the_python_schedule_bit_for_bit(engine):
-    from fastdiss.python_engine import step_schedule
-    for schedule in SCHEDULES:
-        for steps, spacing, shift in ((1, "uniform", 0.0), (4, "quadratic", 0.3), (16, "sqrt", 1.0), (7, "uniform", 0.0)):
-            got = engine.sampler.schedule(steps, spacing, schedule, shift)
-            want = step_schedule(time_grid(steps, spacing), schedule, shift)
-            for name, g, w in zip(("t_net", "alpha", "sigma"), got, want):
-                assert torch.equal(g, w), f"{schedule} {spacing} K={steps} shift={shift}: {name} {g} != {w}"
+def test_stored_step_tables_are_python_step_schedules_bit_for_bit(exported, engine):
+    """What C++ reads from decoder.pt2 (and the manifest holds) is step_schedule's float32 tables, exactly;
+    step_schedule itself is checked against the schedule in float64 in test_sampling.py."""
+    *_, manifest = exported
+    for k in manifest["steps_list"]:
+        want = python_engine.step_schedule(time_grid(k, manifest["spacing"]), manifest["schedule"],
+                                           manifest["time_shift"])
+        got = engine.sampler.step_table(k)
+        stored = [torch.tensor(v, dtype=torch.float32) for v in manifest["step_tables"][str(k)].values()]
+        for name, g, s, w in zip(("t_net", "alpha", "sigma"), got, stored, want):
+            assert torch.equal(g, w), f"K={k}: C++ {name} {g} != step_schedule's {w}"
+            assert torch.equal(s, w), f"K={k}: manifest {name} {s} != step_schedule's {w}"
+    with pytest.raises(ValueError, match=r"K = 1, 3, 4, not K = 2; re-export with .*--steps-list 1,3,4,2"):
+        engine.sampler.step_table(2)
+
+
+def test_an_older_export_is_refused_with_the_fix(exported, tmp_path):
+    *_, manifest = exported
+    (tmp_path / export.MANIFEST_FILE).write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(ValueError, match=r"version 1; expected .* version 2 .*re-run `fastdiss export"):
+        export.load_manifest(tmp_path)
 
 
 def test_encoder_matches_python(exported, engine):
-    model, *_ = exported
+    model, _, _, manifest = exported
     _, src, mask = _sources()
     enc_c, enc_p = engine.encode(src, mask), model.encode(src, mask)
     _assert_close("memory", enc_c.out, enc_p.out)
@@ -120,7 +146,8 @@ def test_encoder_matches_python(exported, engine):
         _assert_close(f"k{i}", kc, kp)
         _assert_close(f"v{i}", vc, vp)
     lengths = engine.sampler.encode(src, mask)[1]
-    _assert_close("length logits", lengths, model.length_logits(enc_p))
+    want = sampling.predict_lengths(model.length_logits(enc_p), manifest["length_cap"])[:, 0]
+    assert lengths.dtype == torch.long and torch.equal(lengths, want)
 
 
 @pytest.mark.parametrize("steps,spacing,clamp,shift,rows", [(1, "uniform", False, 0.0, 4), (4, "uniform", False, 0.0, 4),
@@ -165,13 +192,14 @@ def test_sampler_engine_cpp_equals_python(exported, clamp):
     _assert_close("final latents", cpp.latents, py.latents)
 
 
-def test_whole_generation_in_cpp_equals_python_sampler(exported, engine):
-    """Length prediction, seeded noise, K steps and rounding all in C++ (what the CMake example runs)."""
-    model, cfg, *_ = exported
+@pytest.mark.parametrize("steps", [3, 4])
+def test_whole_generation_in_cpp_equals_python_sampler(exported, engine, steps):
+    """Exported lengths, seeded noise, the stored step table, K steps and rounding, driven from C++ (what
+    the CMake example runs), against the Python sampler on the export's spacing and time shift."""
+    model, cfg, _, manifest = exported
     _, src, mask = _sources()
-    scfg = SampleConfig(steps=4, length_beam=1, noise_draws=1, seed=5)
-    py = sampling.Sampler(model, scfg, cfg.diffusion).generate(src, mask)
-    ids, latents = engine.generate(src, mask, steps=4, seed=5)
+    py = sampling.Sampler(model, _sample_cfg(manifest, cfg, steps=steps, seed=5), cfg.diffusion).generate(src, mask)
+    ids, latents = engine.generate(src, mask, steps=steps, seed=5)
     assert ids == py.ids
     _assert_close("final latents", latents, py.latents)
 
@@ -179,7 +207,7 @@ def test_whole_generation_in_cpp_equals_python_sampler(exported, engine):
 def test_cmake_example_generates_from_an_export(exported, cmake_build):
     if cmake_build is None:
         pytest.skip("cmake is not installed")
-    model, cfg, out, _ = exported
+    model, cfg, out, manifest = exported
     proc, build = cmake_build
     rc = proc.wait(timeout=900)
     log = (build / "build.log").read_text()
@@ -191,10 +219,17 @@ def test_cmake_example_generates_from_an_export(exported, cmake_build):
                               *[" ".join(map(str, s)) for s in sents]], capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr
         got = [[int(v) for v in line.split()] for line in res.stdout.splitlines()]
-        scfg = SampleConfig(steps=3, length_beam=1, noise_draws=1, seed=9, clamp=clamp)
+        scfg = _sample_cfg(manifest, cfg, steps=3, seed=9, clamp=clamp)
         assert got == sampling.Sampler(model, scfg, cfg.diffusion).generate(src, mask).ids
     bad = subprocess.run([str(binary), str(out), "3 x 4"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "not a non-negative integer" in bad.stderr
+    missing = subprocess.run([str(binary), str(out), "--steps", "8", "3 4"], capture_output=True, text=True,
+                             timeout=300)
+    assert missing.returncode == 1 and "K = 1, 3, 4, not K = 8" in missing.stderr
+    assert "--steps-list 1,3,4,8" in missing.stderr
+    fixed = subprocess.run([str(binary), str(out), "--spacing", "uniform", "3 4"], capture_output=True, text=True,
+                           timeout=300)
+    assert fixed.returncode == 2 and "fixed when the model is exported" in fixed.stderr
 
 
 # -- errors ----------------------------------------------------------------------------------------

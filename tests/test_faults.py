@@ -428,7 +428,7 @@ def fake_export(monkeypatch, tmp_path):
     """`fastdiss export` with the compilation stubbed out (minutes of AOTInductor on CPU): the files
     are written, hashed and checked exactly as for a real export."""
     from fastdiss import export
-    monkeypatch.setattr(export, "export_programs", lambda model, device=None: (None, None))
+    monkeypatch.setattr(export, "export_programs", lambda model, device=None, length_cap=None: (None, None))
 
     def compile_(program, path, metadata=None):
         path.write_bytes(b"fake AOTInductor package " + path.name.encode() + os.urandom(64))

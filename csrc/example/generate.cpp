@@ -5,9 +5,10 @@
 //   fastdiss_generate DIR "12 7 99 4" "5 6"          # one sentence per argument (ids split by spaces or commas)
 //   fastdiss_generate DIR --file sources.txt         # one sentence per line
 //
-// Options: --steps K (default: the export's sampling config), --spacing uniform|quadratic|sqrt,
-//          --time-shift F, --clamp, --seed N (initial noise), --length N (force the target length;
-//          default: predicted), --threads N.
+// Options: --steps K (one of the step counts the export holds tables for; default: the export's sampling
+//          config), --clamp, --seed N (initial noise), --length N (force the target length; default:
+//          predicted by the exported encoder), --threads N. The time spacing and time shift are those
+//          of the export's step tables (`fastdiss export --steps-list 1,2,4 --spacing S --time-shift F`).
 // Output: one line per sentence, the generated ids separated by spaces. Exit status 2 on bad usage.
 #include <cstdio>
 #include <cstdlib>
@@ -29,8 +30,8 @@ namespace {
 [[noreturn]] void usage(const std::string& error) {
   std::fprintf(stderr,
                "error: %s\n"
-               "usage: fastdiss_generate EXPORT_DIR [--steps K] [--spacing uniform|quadratic|sqrt] [--time-shift F]\n"
-               "                         [--clamp] [--seed N] [--length N] [--threads N] (--file PATH | IDS...)\n"
+               "usage: fastdiss_generate EXPORT_DIR [--steps K] [--clamp] [--seed N] [--length N] [--threads N]\n"
+               "                         (--file PATH | IDS...)\n"
                "  IDS: one sentence per argument, token ids separated by spaces or commas\n",
                error.c_str());
   std::exit(2);
@@ -74,8 +75,7 @@ int main(int argc, char** argv) {
   if (argc < 2) usage("missing EXPORT_DIR");
   const std::string dir = argv[1];
   int64_t steps = -1, seed = 0, length = -1, threads = 0;
-  std::string spacing, file;
-  double time_shift = -1.0;
+  std::string file;
   bool clamp = false, clamp_given = false;
   std::vector<std::vector<int64_t>> sentences;
   for (int i = 2; i < argc; ++i) {
@@ -88,15 +88,12 @@ int main(int argc, char** argv) {
     else if (a == "--seed") seed = parse_int(a, value());
     else if (a == "--length") length = parse_int(a, value());
     else if (a == "--threads") threads = parse_int(a, value());
-    else if (a == "--spacing") spacing = value();
     else if (a == "--file") file = value();
     else if (a == "--clamp") clamp = clamp_given = true;
-    else if (a == "--time-shift") {
-      const char* v = value();
-      char* end = nullptr;
-      time_shift = std::strtod(v, &end);
-      if (end == v || *end != '\0') usage("--time-shift expects a number, got '" + std::string(v) + "'");
-    } else if (a.rfind("--", 0) == 0) usage("unknown option " + a);
+    else if (a == "--spacing" || a == "--time-shift")
+      usage(a + " is fixed when the model is exported (the step tables are made for it): re-export with "
+            "`fastdiss export --ckpt CKPT --out DIR " + a + " ...`");
+    else if (a.rfind("--", 0) == 0) usage("unknown option " + a);
     else sentences.push_back(parse_ids(a, "argument " + std::to_string(i)));
   }
   if (!file.empty()) {
@@ -116,12 +113,11 @@ int main(int argc, char** argv) {
     fastdiss::AOTISampler sampler(dir);
     const fastdiss::ExportInfo& info = sampler.info();
     if (steps < 0) steps = info.default_steps;
-    if (spacing.empty()) spacing = info.default_spacing;
-    if (time_shift < 0) time_shift = info.default_time_shift;
     if (!clamp_given) clamp = info.default_clamp;
-    std::fprintf(stderr, "fastdiss_generate: %zu sentence(s), %lld steps, %s spacing%s, ops %s\n", sentences.size(),
-                 static_cast<long long>(steps), spacing.c_str(), clamp ? ", clamp" : "",
-                 fastdiss::build_info().c_str());
+    const fastdiss::StepTable& table = sampler.step_table(steps);
+    std::fprintf(stderr, "fastdiss_generate: %zu sentence(s), %lld steps, %s spacing, time shift %g%s, ops %s\n",
+                 sentences.size(), static_cast<long long>(steps), info.spacing.c_str(), info.time_shift,
+                 clamp ? ", clamp" : "", fastdiss::build_info().c_str());
 
     // Padded batch: pad_id beyond each sentence, src_mask true there.
     const int64_t B = static_cast<int64_t>(sentences.size());
@@ -137,7 +133,7 @@ int main(int argc, char** argv) {
     const at::Device device(info.device);
     const at::Tensor lengths = at::full({B}, length > 0 ? length : -1, at::kLong);
     const fastdiss::Generation out = sampler.generate(src.to(device), src_mask.to(device), lengths.to(device),
-                                                      std::nullopt, steps, spacing, time_shift, clamp, seed);
+                                                      std::nullopt, table, clamp, seed);
     const at::Tensor ids = out.ids.cpu(), lens = out.lengths.cpu();
     for (int64_t b = 0; b < B; ++b) {
       const int64_t n = lens[b].item<int64_t>();

@@ -4,11 +4,10 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
-#include <limits>
+#include <exception>
 #include <sstream>
 #include <unordered_map>
 
@@ -24,13 +23,6 @@
 
 namespace fastdiss {
 namespace {
-
-// Constants of fastdiss/schedule.py (kept in step: the schedule test compares both bit for bit).
-constexpr double kSqrtShift = 1e-4;
-constexpr double kCosineS = 0.008;
-constexpr double kMinAlphaBar = 1e-6;
-constexpr double kMaxAlphaBar = 1.0 - 1e-6;
-constexpr double kPi = 3.14159265358979323846;
 
 // fastdiss::ddim_step_clamp through the dispatcher: the CPU or CUDA kernel from the inputs' device, exactly
 // what torch.ops.fastdiss.ddim_step_clamp runs from Python. Looked up by name, so this file links without
@@ -51,24 +43,6 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_clamp(const at::Tensor& x0_hat, con
   return op.call(x0_hat, x_t, alpha_t, sigma_t, alpha_s, sigma_s, embedding_normed, clamp);
 }
 
-// (alpha(t), sigma(t)) of one 0-dim float32 time, with the tensor ops of schedule.alpha_bar / alpha_sigma.
-std::pair<at::Tensor, at::Tensor> alpha_sigma(const at::Tensor& t_in, const std::string& schedule) {
-  const at::Tensor t = t_in.clamp(0.0, 1.0);
-  at::Tensor ab;
-  if (schedule == "sqrt") {
-    ab = 1.0 - at::sqrt(t + kSqrtShift);
-  } else if (schedule == "cosine") {
-    const double f0 = std::pow(std::cos(kCosineS / (1 + kCosineS) * kPi / 2), 2);
-    ab = at::cos((t + kCosineS) / (1 + kCosineS) * (kPi / 2)).pow(2) / f0;
-  } else if (schedule == "vp-linear") {
-    ab = 1.0 - t * t;
-  } else {
-    TORCH_CHECK_VALUE(false, "unknown noise schedule '", schedule, "'; expected sqrt, cosine or vp-linear");
-  }
-  ab = ab.clamp(kMinAlphaBar, kMaxAlphaBar);
-  return {ab.sqrt(), (1.0 - ab).sqrt()};
-}
-
 std::string read_file(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   TORCH_CHECK(f.good(), "cannot open ", path);
@@ -81,6 +55,28 @@ const std::string& need(const std::unordered_map<std::string, std::string>& md, 
   TORCH_CHECK_VALUE(it != md.end(), where, " lacks the metadata entry '", key,
                     "'; it was not written by `fastdiss export` (re-export the model)");
   return it->second;
+}
+
+// "0.5,0.25" (Python's repr of float32 values, exact as doubles) -> a float32 tensor of `count` values.
+at::Tensor parse_floats(const std::string& text, const std::string& key, int64_t count, const std::string& where) {
+  std::vector<float> values;
+  std::istringstream in(text);
+  std::string tok;
+  while (std::getline(in, tok, ',')) {
+    size_t used = 0;
+    double v = 0.0;
+    try {
+      v = std::stod(tok, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    TORCH_CHECK_VALUE(used == tok.size() && used > 0, where, ": metadata entry '", key, "' holds '", tok,
+                      "', not a number (re-export the model)");
+    values.push_back(static_cast<float>(v));
+  }
+  TORCH_CHECK_VALUE(static_cast<int64_t>(values.size()) == count, where, ": metadata entry '", key, "' holds ",
+                    values.size(), " values, expected ", count, " (re-export the model)");
+  return at::tensor(values, at::kFloat);
 }
 
 void check_mask(const char* what, const char* name, const at::Tensor& mask, int64_t b, int64_t l,
@@ -109,44 +105,15 @@ void check_coefs(const char* what, const at::Tensor& t_net, const at::Tensor& al
 
 }  // namespace
 
-StepSchedule make_schedule(int64_t steps, const std::string& spacing, const std::string& schedule,
-                           double time_shift) {
-  TORCH_CHECK_VALUE(steps >= 1, "steps must be a positive integer; got ", steps);
-  at::NoGradGuard no_grad;
-  // time_grid: t_k in float64, then float32.
-  const at::Tensor u = 1.0 - at::arange(steps + 1, at::kDouble) / static_cast<double>(steps);
-  at::Tensor grid;
-  if (spacing == "uniform") {
-    grid = u;
-  } else if (spacing == "quadratic") {
-    grid = u * u;
-  } else if (spacing == "sqrt") {
-    grid = u.sqrt();
-  } else {
-    TORCH_CHECK_VALUE(false, "unknown time spacing '", spacing, "'; expected 'uniform', 'quadratic' or 'sqrt'");
-  }
-  grid = grid.to(at::kFloat);
-  StepSchedule out{at::empty({steps}, at::kFloat), at::empty({steps + 1}, at::kFloat),
-                   at::empty({steps + 1}, at::kFloat)};
-  for (int64_t k = 0; k <= steps; ++k) {
-    const at::Tensor t = grid[k];  // 0-dim, as the Python loop's grid[k]
-    if (k < steps) out.t_net[k].copy_(time_shift != 0.0 ? t + time_shift * (1.0 - t) : t);
-    auto [a, s] = alpha_sigma(t, schedule);
-    out.alpha[k].copy_(a);
-    out.sigma[k].copy_(s);
-  }
-  return out;
-}
-
 ExportInfo parse_export_info(const std::unordered_map<std::string, std::string>& md, const std::string& where) {
   auto i64 = [&](const char* k) { return static_cast<int64_t>(std::stoll(need(md, k, where))); };
   auto f64 = [&](const char* k) { return std::stod(need(md, k, where)); };
   const std::string format = need(md, "format", where);
   TORCH_CHECK_VALUE(format == "fastdiss-aoti", where, " has format '", format, "', expected 'fastdiss-aoti'");
-  TORCH_CHECK_VALUE(i64("format_version") == 1, where, " has format version ", i64("format_version"),
-                    "; this sampler reads version 1 (re-export the model)");
+  TORCH_CHECK_VALUE(i64("format_version") == 2, where, " has format version ", i64("format_version"),
+                    "; this sampler reads version 2, which stores the step tables and predicts lengths in the "
+                    "encoder (re-export the model: `fastdiss export --ckpt CKPT --out DIR`)");
   ExportInfo info;
-  info.schedule = need(md, "schedule", where);
   info.noise_factor = f64("noise_factor");
   info.d_latent = i64("d_latent");
   info.max_len = i64("max_len");
@@ -155,10 +122,20 @@ ExportInfo parse_export_info(const std::unordered_map<std::string, std::string>&
   info.n_dec = i64("n_dec");
   info.max_batch = i64("max_batch");
   info.default_steps = i64("default_steps");
-  info.default_spacing = need(md, "default_spacing", where);
-  info.default_time_shift = f64("default_time_shift");
   info.default_clamp = i64("default_clamp") != 0;
+  info.spacing = need(md, "spacing", where);
+  info.time_shift = f64("time_shift");
   info.device = need(md, "device", where);
+  std::istringstream steps(need(md, "steps_list", where));
+  for (std::string tok; std::getline(steps, tok, ',');) {
+    const int64_t k = std::stoll(tok);
+    TORCH_CHECK_VALUE(k >= 1, where, ": steps_list holds ", k, ", not a positive step count (re-export the model)");
+    auto table = [&](const std::string& name, int64_t count) {
+      const std::string key = name + "_" + std::to_string(k);
+      return parse_floats(need(md, key, where), key, count, where);
+    };
+    info.step_tables[k] = StepTable{table("t_net", k), table("alpha", k + 1), table("sigma", k + 1)};
+  }
   return info;
 }
 
@@ -199,7 +176,7 @@ std::vector<at::Tensor> AOTISampler::encode(const at::Tensor& src, const at::Ten
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> out = encoder_->run({src.contiguous(), src_mask.contiguous()});
   TORCH_CHECK(static_cast<int64_t>(out.size()) == 2 + 2 * info_.n_dec, what, ": encoder.pt2 returned ", out.size(),
-              " tensors, expected ", 2 + 2 * info_.n_dec, " (memory, length_logits, k/v per decoder layer)");
+              " tensors, expected ", 2 + 2 * info_.n_dec, " (memory, lengths, k/v per decoder layer)");
   return out;
 }
 
@@ -207,7 +184,7 @@ void AOTISampler::check_state(const std::vector<at::Tensor>& state, const at::Te
                               int64_t batch) const {
   const char* what = "AOTISampler.denoise";
   TORCH_CHECK_VALUE(static_cast<int64_t>(state.size()) == 2 + 2 * info_.n_dec, what, ": state must be encode()'s ",
-                    2 + 2 * info_.n_dec, " tensors (memory, length_logits, k/v per decoder layer); got ",
+                    2 + 2 * info_.n_dec, " tensors (memory, lengths, k/v per decoder layer); got ",
                     state.size());
   const int64_t src_len = state[0].dim() == 3 ? state[0].size(1) : -1;
   TORCH_CHECK_VALUE(state[0].dim() == 3 && state[0].size(0) == batch, what, ": state[0] (memory) must have shape (",
@@ -282,22 +259,9 @@ std::tuple<at::Tensor, at::Tensor> AOTISampler::round(const at::Tensor& x0) {
   return {ids, logp};
 }
 
-at::Tensor AOTISampler::predict_lengths(const at::Tensor& length_logits, int64_t cap) const {
-  TORCH_CHECK_VALUE(length_logits.dim() == 2 && length_logits.size(1) == info_.max_len + 1,
-                    "AOTISampler.predict_lengths: length_logits must have shape (B, max_len + 1 = ", info_.max_len + 1,
-                    "); got ", length_logits.sizes());
-  at::NoGradGuard no_grad;
-  const int64_t c = cap <= 0 ? info_.max_len : std::min(cap, info_.max_len);
-  at::Tensor logits = length_logits.to(at::kFloat).clone();
-  const double neg_inf = -std::numeric_limits<double>::infinity();
-  logits.select(1, 0).fill_(neg_inf);  // length 0 is never generated
-  if (c + 1 < logits.size(1)) logits.slice(1, c + 1).fill_(neg_inf);
-  return std::get<1>(logits.topk(1, -1)).squeeze(1);
-}
-
 Generation AOTISampler::generate(const at::Tensor& src, const at::Tensor& src_mask, const at::Tensor& lengths,
-                                 const std::optional<at::Tensor>& noise, int64_t steps, const std::string& spacing,
-                                 double time_shift, bool clamp, int64_t seed) {
+                                 const std::optional<at::Tensor>& noise, const StepTable& table, bool clamp,
+                                 int64_t seed) {
   const char* what = "AOTISampler.generate";
   const at::Device device = embedding_.device();
   const int64_t B = src.dim() == 2 ? src.size(0) : -1;
@@ -307,7 +271,7 @@ Generation AOTISampler::generate(const at::Tensor& src, const at::Tensor& src_ma
   std::vector<at::Tensor> state = encode(src, src_mask);
   at::NoGradGuard no_grad;
   at::Tensor lens = lengths.to(device);
-  lens = at::where(lens > 0, lens, predict_lengths(state[1], 0));
+  lens = at::where(lens > 0, lens, state[1]);  // state[1]: the encoder's predicted lengths
   const int64_t longest = lens.max().item<int64_t>();
   TORCH_CHECK_VALUE(longest <= info_.max_len, what, ": lengths must be <= max_len ", info_.max_len, "; got ",
                     longest);
@@ -328,19 +292,38 @@ Generation AOTISampler::generate(const at::Tensor& src, const at::Tensor& src_ma
   }
   const int64_t L = x.size(1);
   const at::Tensor tgt_mask = at::arange(L, lens.options()).unsqueeze(0) >= lens.unsqueeze(1);
-  const StepSchedule sched = make_schedule(steps, spacing, info_.schedule, time_shift);
-  auto [x_final, x0] = denoise(state, src_mask, x, tgt_mask, sched.t_net, sched.alpha, sched.sigma, clamp);
+  auto [x_final, x0] = denoise(state, src_mask, x, tgt_mask, table.t_net, table.alpha, table.sigma, clamp);
   auto [ids, logp] = round(x0);
   ids.masked_fill_(tgt_mask, info_.pad_id);
   logp.masked_fill_(tgt_mask, 0.0);
   return {ids, lens, logp, x_final, x0};
 }
 
+const StepTable& AOTISampler::step_table(int64_t steps) const {
+  auto it = info_.step_tables.find(steps);
+  if (it == info_.step_tables.end()) {
+    std::ostringstream have, want;
+    for (const auto& [k, table] : info_.step_tables) {
+      have << (have.tellp() > 0 ? ", " : "") << k;
+      want << k << ",";
+    }
+    want << steps;
+    TORCH_CHECK_VALUE(false, "the export in '", dir_, "' has step tables for K = ", have.str(), ", not K = ", steps,
+                      "; re-export with `fastdiss export --ckpt CKPT --out ", dir_, " --steps-list ", want.str(),
+                      "`");
+  }
+  return it->second;
+}
+
+std::vector<at::Tensor> AOTISampler::step_table_py(int64_t steps) const {
+  const StepTable& t = step_table(steps);
+  return {t.t_net, t.alpha, t.sigma};
+}
+
 std::vector<at::Tensor> AOTISampler::generate_py(const at::Tensor& src, const at::Tensor& src_mask,
                                                  const at::Tensor& lengths, const std::optional<at::Tensor>& noise,
-                                                 int64_t steps, const std::string& spacing, double time_shift,
-                                                 bool clamp, int64_t seed) {
-  Generation g = generate(src, src_mask, lengths, noise, steps, spacing, time_shift, clamp, seed);
+                                                 int64_t steps, bool clamp, int64_t seed) {
+  Generation g = generate(src, src_mask, lengths, noise, step_table(steps), clamp, seed);
   return {g.ids, g.lengths, g.token_logp, g.latents, g.x0};
 }
 
@@ -372,23 +355,18 @@ double AOTISampler::time_decoder(const std::vector<at::Tensor>& state, const at:
 }
 
 std::vector<std::string> AOTISampler::info_strings() const {
-  std::ostringstream nf, ts;
+  std::ostringstream nf, ts, steps;
   nf.precision(17);
   ts.precision(17);
   nf << info_.noise_factor;
-  ts << info_.default_time_shift;
-  return {"schedule=" + info_.schedule, "noise_factor=" + nf.str(), "d_latent=" + std::to_string(info_.d_latent),
+  ts << info_.time_shift;
+  for (const auto& [k, table] : info_.step_tables) steps << (steps.tellp() > 0 ? "," : "") << k;
+  return {"noise_factor=" + nf.str(), "d_latent=" + std::to_string(info_.d_latent),
           "max_len=" + std::to_string(info_.max_len), "vocab_size=" + std::to_string(info_.vocab_size),
           "pad_id=" + std::to_string(info_.pad_id), "n_dec=" + std::to_string(info_.n_dec),
           "max_batch=" + std::to_string(info_.max_batch), "default_steps=" + std::to_string(info_.default_steps),
-          "default_spacing=" + info_.default_spacing, "default_time_shift=" + ts.str(),
-          "default_clamp=" + std::to_string(info_.default_clamp ? 1 : 0), "device=" + info_.device};
-}
-
-std::vector<at::Tensor> AOTISampler::schedule(int64_t steps, const std::string& spacing, const std::string& schedule,
-                                              double time_shift) const {
-  StepSchedule s = make_schedule(steps, spacing, schedule.empty() ? info_.schedule : schedule, time_shift);
-  return {s.t_net, s.alpha, s.sigma};
+          "default_clamp=" + std::to_string(info_.default_clamp ? 1 : 0), "spacing=" + info_.spacing,
+          "time_shift=" + ts.str(), "steps_list=" + steps.str(), "device=" + info_.device};
 }
 
 }  // namespace fastdiss
@@ -400,9 +378,8 @@ TORCH_LIBRARY_FRAGMENT(fastdiss, m) {
       .def("encode", &fastdiss::AOTISampler::encode)
       .def("denoise", &fastdiss::AOTISampler::denoise)
       .def("round", &fastdiss::AOTISampler::round)
-      .def("predict_lengths", &fastdiss::AOTISampler::predict_lengths)
+      .def("step_table", &fastdiss::AOTISampler::step_table_py)
       .def("generate", &fastdiss::AOTISampler::generate_py)
-      .def("schedule", &fastdiss::AOTISampler::schedule)
       .def("info", &fastdiss::AOTISampler::info_strings)
       .def("time_decoder", &fastdiss::AOTISampler::time_decoder);
 }
