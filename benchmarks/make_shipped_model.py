@@ -40,6 +40,8 @@ def main(argv=None):
     p.add_argument("--run", required=True, help="a learning_curve run folder (last.pt + result.json)")
     p.add_argument("--name", required=True, help="folder name under fastdiss/pretrained/")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--note", default=None, help="how the run was made, where its header's command is not the whole "
+                                                  "story (e.g. a run continued past its first command)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = Path(args.run)
@@ -65,6 +67,8 @@ def main(argv=None):
                       "logged_points": len(losses)},
         "packaged_at": common.git_info(),
     }
+    if args.note:
+        provenance["note"] = args.note
     out = pretrained.save_pretrained(ck, pretrained.shipped_path(args.name), provenance)
     size = (out / "model.safetensors").stat().st_size
     if size > SIZE_LIMIT:

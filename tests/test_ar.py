@@ -295,11 +295,11 @@ def test_older_layout_weights_load_into_the_shared_layers():
         assert torch.equal(fresh.state_dict()[key], value), key
 
 
-@pytest.mark.parametrize("name,task,digest", [("elb2web-tiny-ar", "elb2web", "e9b4b8b012833dcb"),
-                                              ("kjv2web-tiny-ar", "kjv2web", "8d59fe240777c187")])
+@pytest.mark.parametrize("name,task,digest", [("elb2web-tiny-ar", "elb2web", "e9b4b8b012833dcb")])
 def test_shipped_models_decode_as_before_the_layer_sharing(name, task, digest):
-    """Greedy outputs of the shipped AR models (older-layout files) on 8 validation sources, equal to
-    those the AR model's own layers gave before it used fastdiss.model's (sha256 of the id lists)."""
+    """Greedy outputs of a shipped AR model in the older layout on 8 validation sources, equal to
+    those the AR model's own layers gave before it used fastdiss.model's (sha256 of the id lists).
+    (kjv2web-tiny-ar was pinned too until it was replaced by a 2000-step model in the new layout.)"""
     import hashlib
     import json
 
