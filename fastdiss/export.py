@@ -4,7 +4,7 @@
 
 writes into `out`:
     encoder.pt2      (src, src_mask) -> (memory, lengths, k_0, v_0, ..., k_{n-1}, v_{n-1}); lengths (B,)
-                     is the top-1 predicted length, by the Sampler's own rule (sampling.predict_lengths)
+                     is the top-1 predicted length, by the Sampler's own rule (lengths.predict_lengths)
     decoder.pt2      (x_t, sc, t, tgt_mask, memory, src_mask, k_0, v_0, ...) -> x0_hat
     embedding.pt     norm(E) (V, d_e): the rounding head and the clamp targets (torch.save, read by
                      torch.load in Python and torch::pickle_load in C++)
@@ -102,7 +102,7 @@ class EncoderGraph(nn.Module):
         self.cap = cap
 
     def forward(self, src, src_mask):
-        from fastdiss.sampling import predict_lengths
+        from fastdiss.lengths import predict_lengths
         enc = self.model.encode(src, src_mask)
         flat = [enc.out, predict_lengths(self.model.length_logits(enc), self.cap)[:, 0]]
         for k, v in enc.cross_kv:
@@ -218,7 +218,7 @@ def manifest_for(model, diffusion_cfg, sample_cfg=None, device="cpu", steps_list
     """Everything a loop needs besides the graphs. Values are primitives (decoder_metadata stores them
     as strings in decoder.pt2 for C++)."""
     from fastdiss.config import SampleConfig
-    from fastdiss.sampling import length_cap
+    from fastdiss.lengths import length_cap
 
     cfg = model.cfg
     sample_cfg = sample_cfg or SampleConfig()   # the Sampler's defaults

@@ -18,6 +18,7 @@ import torch
 from fastdiss import resources
 from fastdiss.config import DiffusionConfig, SampleConfig
 from fastdiss.engines import make_engine
+from fastdiss.lengths import length_cap, predict_lengths  # noqa: F401  (the Sampler's length rule)
 from fastdiss.metrics import mbr_select
 from fastdiss.schedule import time_grid
 
@@ -182,20 +183,6 @@ class Sampler:
             calls, used_steps = res.calls_per_sentence, res.steps
         return GenerationResult(ids=ids, single_ids=single, candidates=cands, calls_per_sentence=calls,
                                 steps=used_steps)
-
-
-def length_cap(model, sample_cfg: SampleConfig) -> int:
-    """Longest target the sampler generates: SampleConfig.max_len (0 = no cap) within the model's max_len."""
-    return min(sample_cfg.max_len or model.cfg.max_len, model.cfg.max_len)
-
-
-def predict_lengths(length_logits, cap: int, beam: int = 1):
-    """Top-`beam` target lengths per sentence (B, beam), best first, among 1..cap: the one length rule.
-    The exported encoder traces it too, so the C++ sampler receives lengths and computes none."""
-    logits = length_logits.float()
-    n = torch.arange(logits.shape[-1], device=logits.device)
-    logits = logits.masked_fill((n < 1) | (n > cap), float("-inf"))
-    return logits.topk(min(beam, cap), dim=-1).indices
 
 
 def pad_batch(seqs: list, pad_id: int, device=None):
