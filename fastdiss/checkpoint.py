@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastdiss.atomic import write_bytes, write_with
+from fastdiss.atomic import write_with
 from fastdiss.config import Config
 
 FORMAT = "fastdiss-checkpoint"
@@ -68,11 +68,6 @@ def _model_args(model, kind):
 def _cpu_state(module_or_state):
     sd = module_or_state.state_dict() if hasattr(module_or_state, "state_dict") else module_or_state
     return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
-
-
-def atomic_write_bytes(data: bytes, path: str) -> None:
-    """Kept for callers of the old name (train.py's log trim); new code calls fastdiss.atomic.write_bytes."""
-    write_bytes(path, data)
 
 
 def save(path, model, cfg: Config, tokenizer, extra: dict | None = None, *, ema=None, train_state=None,

@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from fastdiss import checkpoint as ckpt
 from fastdiss import runlock
+from fastdiss.atomic import write_bytes
 from fastdiss.config import Config, TrainConfig
 from fastdiss.data.batching import TokenBatchSampler, collate
 
@@ -469,7 +470,7 @@ def trim_log(log_path: str, step: int) -> None:
     if not changed and (not raw or raw.endswith(b"\n")):
         return
     text = b"".join(line + b"\n" for line in kept)
-    ckpt.atomic_write_bytes(text, log_path)
+    write_bytes(log_path, text)
 
 
 def _filter_examples(examples: list, max_len: int, what: str) -> list:
