@@ -46,8 +46,11 @@ def diagnose(run_dir: Path, n_test: int, seed: int = 0) -> dict:
 
     torch.manual_seed(seed)
     enc = model.encode(src, src_mask)
-    noise = torch.randn(B, L, cfg.model.d_latent) * cfg.diffusion.noise_factor
     t1 = torch.ones(B)
+    eps = torch.randn(B, L, cfg.model.d_latent)
+    # x_1 exactly as training builds it (the run's schedule and noise factor), not re-derived here
+    _, noise = model.embed_and_noise(tgt, t1, eps, schedule=cfg.diffusion.schedule,
+                                     noise_factor=cfg.diffusion.noise_factor)
     first = model(noise, None, t1, enc, tgt_mask)
     second = model(noise, first, t1, enc, tgt_mask)
     pred1, pred2 = model.logits(first).argmax(-1), model.logits(second).argmax(-1)
