@@ -399,6 +399,8 @@ def main(argv=None) -> dict:
     p.add_argument("--tag", default=None, help="results file quality-<tag>.json (default: the device tag)")
     p.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming the results file")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--note", action="append", default=[], help="a line added to the JSON's notes, e.g. where "
+                   "reused checkpoints in --work-dir came from (repeatable)")
     args = p.parse_args(argv)
 
     if args.train_steps is None and args.train_minutes is None:
@@ -427,7 +429,7 @@ def main(argv=None) -> dict:
                   "ms_per_sentence: wall time of batched generation (batch_size sentences) during evaluation; "
                   "on a shared machine it is indicative only; benchmarks/latency.py measures latency properly.",
                   "AR rows: the autoregressive baseline of the same preset, greedy and beam search.",
-              ]}
+              ] + list(args.note)}
     if out_path.is_file() and not args.overwrite:
         old = common.read_json(out_path)
         if old.get("header", {}).get("config", {}).get("key", key) != key:

@@ -134,16 +134,28 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- quality
 
 QUALITY_FILES = ("quality-cpu-tiny-kjv2web.json", "quality-cpu-tiny-elb2web-fr2web.json")
+QUALITY_SHARE_FILES = ("quality-cpu-tiny-kjv2web-share.json",)
 VARIANT_LABEL = {"plain": "plain self-conditioning", "scp": "+ SCP", "mans": "+ MANS", "scp+mans": "+ SCP + MANS"}
 
 
 @block("quality")
 def quality_block(results_dir: Path) -> str:
-    """Single-candidate BLEU at K = 1, 2, 4, 1000 and chrF at K = 4, 1000 per task and variant, then
-    the AR baseline; mean ± std over seeds, from each file's summary."""
-    files = [(name, _load(results_dir, name)) for name in QUALITY_FILES]
-    ks = ("1", "2", "4", "1000")
+    """The quality files made before the learning recipe (old defaults)."""
+    return _quality_tables(results_dir, QUALITY_FILES, ("1", "2", "4", "1000"))
+
+
+@block("quality-share")
+def quality_share_block(results_dir: Path) -> str:
+    """The quality file of the current recipe with shared embeddings on kjv2web."""
+    return _quality_tables(results_dir, QUALITY_SHARE_FILES, ("1", "2", "4", "8", "16", "1000"))
+
+
+def _quality_tables(results_dir: Path, names, ks) -> str:
+    """Single-candidate BLEU at each K and chrF at K = 4, 1000 per task and variant, then the AR
+    baseline; mean ± std over seeds, from each file's summary."""
+    files = [(name, _load(results_dir, name)) for name in names]
     rows, ar_rows, setup, sigs, seeds = [], [], [], set(), set()
+    beam = None
     for _, data in files:
         for task, summ in data["summary"].items():
             runs = [r for r in data["runs"].values() if r["task"] == task]
@@ -159,7 +171,7 @@ def quality_block(results_dir: Path) -> str:
                 rows.append([task, label] + [_stat(single.get(k), "bleu", 2) for k in ks]
                             + [_stat(single.get(k), "chrf", 1) for k in ("4", "1000")])
             ar = summ.get("ar") or {}
-            beam = next((d for d in ar if d.startswith("beam")), None)
+            beam = next((d for d in ar if d.startswith("beam")), beam)
             if "greedy" in ar:
                 ar_rows.append([task, _stat(ar["greedy"], "bleu", 2), _stat(ar.get(beam), "bleu", 2),
                                 _stat(ar["greedy"], "chrf", 1), _stat(ar.get(beam), "chrf", 1),
@@ -167,11 +179,11 @@ def quality_block(results_dir: Path) -> str:
     n_seeds = "/".join(map(str, sorted(seeds)))
     lines = [f"Single candidate (top-1 length, one noise draw), mean ± std over {n_seeds} seeds; "
              + "; ".join(setup) + ". SacreBLEU signature: " + ", ".join(f"`{s}`" for s in sorted(sigs)) + ".", ""]
-    lines += _table(["task", "variant", "BLEU K=1", "BLEU K=2", "BLEU K=4", "BLEU K=1000", "chrF K=4",
-                     "chrF K=1000"], rows)
+    lines += _table(["task", "variant"] + [f"BLEU K={k}" for k in ks] + ["chrF K=4", "chrF K=1000"], rows)
+    beam_label = beam.replace("beam", "beam ") if beam else "beam"
     lines += ["", "Autoregressive Transformer of the same size, trained with the same steps and data:", ""]
-    lines += _table(["task", "BLEU greedy", f"BLEU {beam.replace('beam', 'beam ') if beam else 'beam'}",
-                     "chrF greedy", f"chrF {beam.replace('beam', 'beam ') if beam else 'beam'}", "seeds"], ar_rows)
+    lines += _table(["task", "BLEU greedy", f"BLEU {beam_label}", "chrF greedy", f"chrF {beam_label}", "seeds"],
+                    ar_rows)
     lines += ["", _source(*files)]
     return "\n".join(lines)
 

@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
   fastdiss train --task kjv2web --preset small --out runs/kjv2web --minutes 30
   fastdiss train --task elb2web --preset base --kind ar --out runs/elb2web-ar --device cuda
   fastdiss train --task kjv2web --preset small --no-scp --no-mans --out runs/plain   # the baseline
+  fastdiss train --task kjv2web --preset tiny --share-embeddings --out runs/kjv2web-share  # same-language task
   fastdiss train --train data/train.tsv --valid data/valid.tsv --out runs/mine     # src<TAB>tgt lines
   fastdiss train --train data/train.src --out runs/mine        # parallel files train.src / train.tgt
   fastdiss train --out runs/kjv2web --resume --max-steps 40000  # continue a run
@@ -152,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Self-Conditioning Perturbation (default on)")
     p.add_argument("--mans", action=argparse.BooleanOptionalAction, default=None,
                    help="Model-Aware Noise Scaling (default on)")
+    p.add_argument("--share-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="one embedding table for source and target (default off; for same-language tasks such as "
+                        "kjv2web: measured 3x BLEU there, half on German->English)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for checkpoints and logs")
     p.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps (default: the preset's)")
     p.add_argument("--minutes", type=positive_float, default=None, help="wall-clock budget; stops and saves after it")

@@ -113,6 +113,10 @@ class DiffusionConfig:
     # glance_ratio of the tokens the no-grad pass got wrong are replaced in sc by their true z0, so
     # the trained pass learns to finish a partly right draft (what sampling steps 2..K see). 0 = off.
     glance_ratio: float = 0.0
+    # Rounded self-conditioning (ours, after SUNDAE/CMLM): the no-grad draft is snapped to its nearest
+    # target embeddings before it enters the trained pass, so the model learns to repair a committed
+    # draft (repeated or missing words) instead of a blurred average; sample with sample.clamp = True.
+    round_self_cond: bool = False
     mse_weight: float = 1.0
     ce_weight: float = 1.0
     length_weight: float = 0.1

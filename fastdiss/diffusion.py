@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from fastdiss import functional
 from fastdiss.config import DiffusionConfig
+from fastdiss.python_engine import clamp_to_embeddings
 
 IGNORE = -100
 
@@ -158,6 +159,9 @@ class DiffusionObjective(nn.Module):
                 sc = scp_pass if scp_pass is not None else perturbed_pass(t_tok, x_t)
             else:
                 sc = self._predict(x_t.detach(), t_tok, enc, tgt_mask)
+            if cfg.round_self_cond:
+                with torch.no_grad():
+                    sc = clamp_to_embeddings(model, sc)
             if cfg.glance_ratio > 0:
                 sc = glance(sc, z0.detach(), model.target_embeddings().detach(), tgt, keep, cfg.glance_ratio)
 

@@ -302,6 +302,24 @@ def test_train_refuses_to_overwrite_and_resumes(capsys, diffusion_ckpt, data_dir
     assert checkpoint.load(diffusion_ckpt).train_state["step"] == 3
 
 
+def test_train_share_embeddings_flag_reaches_the_model(capsys, data_dir, tmp_path):
+    base = ["train", "--train", str(data_dir / "train.tsv"), "--valid", str(data_dir / "valid.tsv"), "--preset", "tiny",
+            "--vocab-size", "300", "--max-tokens", "512", "--max-steps", "1", "--quiet", "--device", "cpu"]
+    from fastdiss import checkpoint
+    for flag, shared in (("--share-embeddings", True), ("--no-share-embeddings", False)):
+        out_dir = tmp_path / flag
+        rc, _, err = _run(capsys, *base, flag, "--out", str(out_dir))
+        assert rc == 0, err
+        ck = checkpoint.load(out_dir / "last.pt")
+        assert ck.cfg.model.share_embeddings is shared
+        # the shared model reads source tokens through the target table: no source embedding of its own
+        assert hasattr(ck.model.encoder, "embed") is not shared
+        rc, out, err = _run(capsys, "generate", "--ckpt", str(out_dir / "last.pt"), "--steps", "2",
+                            str(data_dir / "test.src"))
+        assert rc == 0, err
+        assert len([x for x in out.splitlines()]) == 5
+
+
 def test_train_stops_at_the_time_budget(capsys, data_dir, tmp_path):
     rc, out, err = _run(capsys, "train", "--train", str(data_dir / "train.tsv"), "--valid", str(data_dir / "valid.tsv"),
                         "--preset", "tiny", "--vocab-size", "300", "--max-tokens", "512", "--max-steps", "100000",

@@ -103,6 +103,21 @@ def test_plain_self_conditioning_first_pass_at_same_t():
     torch.testing.assert_close(trained["sc"], first["out"])
 
 
+def test_rounded_self_conditioning_feeds_the_nearest_target_embeddings():
+    model, obj = make(self_cond_prob=1.0, scp=False, mans=False, round_self_cond=True)
+    b = batch()
+    obj.loss(b)
+    first, trained = model.calls
+    with torch.no_grad():
+        table = model.target_embeddings().double()
+    # independent reference: nearest row by Euclidean distance (every row of norm(E) has the same norm,
+    # so it is also the highest-logit row the rounding head would pick)
+    nearest = torch.cdist(first["out"].double().reshape(-1, table.shape[1]), table).argmin(-1)
+    expect = table[nearest].reshape(first["out"].shape).float()
+    torch.testing.assert_close(trained["sc"], expect, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(trained["sc"], first["out"])
+
+
 def test_no_self_conditioning_is_one_pass():
     model, obj = make(self_cond_prob=0.0)
     obj.loss(batch())

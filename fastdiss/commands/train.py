@@ -68,6 +68,8 @@ def _config(args, last: str):
             cfg.diffusion.scp = args.scp
         if args.mans is not None:
             cfg.diffusion.mans = args.mans
+        if args.share_embeddings is not None:
+            cfg.model.share_embeddings = args.share_embeddings
     for name in ("lr", "max_tokens", "seed", "eval_every", "warmup", "max_steps"):
         value = getattr(args, name)
         if value is not None:
