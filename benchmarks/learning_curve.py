@@ -187,12 +187,13 @@ def r0_spacing(run: dict) -> str:
 def run_label(run: dict) -> str:
     """The row a run is merged into: its variant, +distilled, its --set overrides (a screen of one
     setting is its own row, never a seed of the default) and "long" for a run continued past the
-    others (its run folder's name has "-long"), whose later points are not averaged with shorter seeds."""
+    others (its run folder's name has "-long"), whose later points are not averaged with shorter seeds,
+    and "rerun" for a run trained again on later code (folder name "-rerun"), kept apart from the first."""
     args = run["header"]["config"]["args"]
     distilled = "distilled" in run["data"].get("train_data", "")
     short = [s.split(".", 1)[-1].replace("runs/learning_curve/", "") for s in args.get("set") or []]
     return (run["variant"] + ("+distilled" if distilled else "") + (f" [{', '.join(short)}]" if short else "")
-            + (" long" if "-long" in run.get("run", "") else ""))
+            + (" long" if "-long" in run.get("run", "") else "") + (" rerun" if "-rerun" in run.get("run", "") else ""))
 
 
 def merge(tag: str, run_dir: Path, out_dir: Path) -> dict:

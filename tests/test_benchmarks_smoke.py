@@ -135,3 +135,17 @@ def test_common_helpers(tmp_path):
     assert common.peak_memory(lambda: None, torch.device("cpu")) is None
     with pytest.raises(ValueError, match="device"):
         common.pick_device("tpu")
+
+
+def test_learning_curve_rows_keep_screens_long_runs_and_reruns_apart():
+    from benchmarks.learning_curve import run_label
+
+    def run(name, variant="default", sets=(), distilled=False):
+        return {"run": name, "variant": variant, "header": {"config": {"args": {"set": list(sets)}}},
+                "data": {"train_data": "distilled: x.tsv" if distilled else "embedded"}}
+
+    assert run_label(run("kjv2web-default-s1")) == "default"
+    assert run_label(run("kjv2web-default-long-s0")) == "default long"
+    assert run_label(run("elb2web-ar-rerun-s0", "ar")) == "ar rerun"
+    assert run_label(run("x", sets=["model.share_embeddings=true"], distilled=True)) == \
+        "default+distilled [share_embeddings=true]"
