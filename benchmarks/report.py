@@ -134,7 +134,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- quality
 
 QUALITY_FILES = ("quality-cpu-tiny-kjv2web.json", "quality-cpu-tiny-elb2web-fr2web.json")
-QUALITY_SHARE_FILES = ("quality-cpu-tiny-kjv2web-share.json",)
+QUALITY_SHARE_FILES = ("quality-cpu-tiny-kjv2web-share.json", "quality-cpu-tiny-kjv2web-share-ablation.json")
 VARIANT_LABEL = {"plain": "plain self-conditioning", "scp": "+ SCP", "mans": "+ MANS", "scp+mans": "+ SCP + MANS"}
 
 
@@ -154,28 +154,32 @@ def _quality_tables(results_dir: Path, names, ks) -> str:
     """Single-candidate BLEU at each K and chrF at K = 4, 1000 per task and variant, then the AR
     baseline; mean ± std over seeds, from each file's summary."""
     files = [(name, _load(results_dir, name)) for name in names]
-    rows, ar_rows, setup, sigs, seeds = [], [], [], set(), set()
+    by_key, ar_rows, setup, sigs, seeds = {}, [], [], set(), set()
     beam = None
-    for _, data in files:
+    for _, data in files:   # files may split one task's variants between them: rows are keyed (task, variant)
         for task, summ in data["summary"].items():
             runs = [r for r in data["runs"].values() if r["task"] == task]
             steps = sorted({r["train"]["steps"] for r in runs})
-            setup.append(f"{task}: {'/'.join(map(str, steps))} training steps per run, "
-                         f"{data['tasks'][task]['test_subset_size']} test sentences")
+            line = (f"{task}: {'/'.join(map(str, steps))} training steps per run, "
+                    f"{data['tasks'][task]['test_subset_size']} test sentences")
+            if line not in setup:
+                setup.append(line)
             sigs |= {ev["bleu_signature"] for r in runs for ev in r["evals"].values() if "bleu_signature" in ev}
             for variant, label in VARIANT_LABEL.items():
                 single = summ["diffusion"].get(variant, {}).get("single")
                 if not single:
                     continue
                 seeds |= {single[k]["bleu"]["n"] for k in ks if k in single}
-                rows.append([task, label] + [_stat(single.get(k), "bleu", 2) for k in ks]
-                            + [_stat(single.get(k), "chrf", 1) for k in ("4", "1000")])
+                by_key[(task, variant)] = ([task, label] + [_stat(single.get(k), "bleu", 2) for k in ks]
+                                           + [_stat(single.get(k), "chrf", 1) for k in ("4", "1000")])
             ar = summ.get("ar") or {}
             beam = next((d for d in ar if d.startswith("beam")), beam)
             if "greedy" in ar:
                 ar_rows.append([task, _stat(ar["greedy"], "bleu", 2), _stat(ar.get(beam), "bleu", 2),
                                 _stat(ar["greedy"], "chrf", 1), _stat(ar.get(beam), "chrf", 1),
                                 str(ar["greedy"]["bleu"]["n"])])
+    tasks = list(dict.fromkeys(task for task, _ in by_key))
+    rows = [by_key[(t, v)] for t in tasks for v in VARIANT_LABEL if (t, v) in by_key]
     n_seeds = "/".join(map(str, sorted(seeds)))
     lines = [f"Single candidate (top-1 length, one noise draw), mean ± std over {n_seeds} seeds; "
              + "; ".join(setup) + ". SacreBLEU signature: " + ", ".join(f"`{s}`" for s in sorted(sigs)) + ".", ""]
