@@ -18,7 +18,7 @@ import torch
 from fastdiss import resources
 from fastdiss.config import DiffusionConfig, SampleConfig
 from fastdiss.engines import make_engine
-from fastdiss.lengths import length_cap, predict_lengths  # noqa: F401  (the Sampler's length rule)
+from fastdiss.lengths import length_cap, predict_lengths
 from fastdiss.metrics import mbr_select
 from fastdiss.schedule import time_grid
 

@@ -440,6 +440,19 @@ def fake_export(monkeypatch, tmp_path):
     return export, ck_path, out, cfg
 
 
+def test_export_steps_list_is_parsed_and_bad_lists_are_refused(capsys):
+    import argparse
+    from fastdiss import export
+    parser = export.add_arguments(argparse.ArgumentParser(prog="fastdiss export"))
+    base = ["--ckpt", "m.pt", "--out", "o"]
+    assert parser.parse_args(base + ["--steps-list", "3, 1"]).steps_list == [3, 1]
+    assert parser.parse_args(base).steps_list is None
+    for bad in ("0,2", "2,x", ""):
+        with pytest.raises(SystemExit):
+            parser.parse_args(base + ["--steps-list", bad])
+        assert "positive integer" in capsys.readouterr().err
+
+
 def test_export_records_and_verifies_file_checksums(fake_export):
     export, ck_path, out, _ = fake_export
     m = export.load_manifest(out)
