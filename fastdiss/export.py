@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from fastdiss.argtypes import step_list
 from fastdiss.atomic import write_bytes, write_with
 
 FORMAT = "fastdiss-aoti"
@@ -402,7 +403,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--ckpt", required=True, help="diffusion checkpoint (fastdiss.checkpoint format)")
     parser.add_argument("--out", required=True, help="output folder for encoder.pt2, decoder.pt2, ...")
     parser.add_argument("--device", default="cpu", help="device the packages are compiled for (cpu | cuda)")
-    parser.add_argument("--steps-list", type=_parse_steps, default=None,
+    parser.add_argument("--steps-list", type=step_list, default=None,
                         help="step counts K the C++ sampler can run, comma-separated (default: "
                              f"{','.join(map(str, DEFAULT_STEPS_LIST))}, plus the checkpoint's sample steps)")
     parser.add_argument("--spacing", default=None, choices=SPACINGS,
@@ -410,16 +411,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--time-shift", type=float, default=None,
                         help="network time shift of the step tables (default: the checkpoint's sample config)")
     return parser
-
-
-def _parse_steps(text: str) -> list:
-    try:
-        steps = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        steps = []
-    if not steps or min(steps) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
-    return steps
 
 
 def run(args) -> int:

@@ -22,7 +22,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-MAX_STEPS = 10_000
+from fastdiss.argtypes import MAX_STEPS  # noqa: F401  (the bound lives with the option parsers)
+
 WARN_STEPS = 1_000
 LONG_CALLS = 256
 BAR_SECONDS = 10.0
@@ -189,12 +190,4 @@ def plan(ck, sources: list, step_counts: list[int] | None, *, batch_size: int, d
               f"{steps_txt} step(s) on {device} ({len(batches)} batch(es) of up to {batch_size}; --quiet hides "
               f"this and the progress bar)", file=sys.stderr, flush=True)
     return Plan(estimate_s=estimate, show_bar=estimate is not None and estimate >= BAR_SECONDS)
-
-
-def check_steps(value: int) -> int:
-    """The upper bound on sampling steps (fastdiss.argtypes.step_count calls this)."""
-    if value > MAX_STEPS:
-        raise ValueError(f"{value} sampling steps is above the limit of {MAX_STEPS} (few-step models need 1-16; "
-                         f"the many-step baseline is 1000)")
-    return value
 

@@ -341,11 +341,11 @@ def test_run_comparison_catches_a_one_ulp_difference(tmp_path, data):
 # ------------------------------------------------------------------------- long generations
 
 def test_steps_above_the_limit_are_refused_in_one_line(capsys, tmp_path):
-    for argv in (["generate", "--ckpt", "x.pt", "--steps", str(longjobs.MAX_STEPS + 1)],
-                 ["evaluate", "--ckpt", "x.pt", "--steps", f"1,4,{longjobs.MAX_STEPS * 10}"]):
+    for argv in (["generate", "--ckpt", "x.pt", "--steps", str(argtypes.MAX_STEPS + 1)],
+                 ["evaluate", "--ckpt", "x.pt", "--steps", f"1,4,{argtypes.MAX_STEPS * 10}"]):
         line, out = _error_line(capsys, argv)
-        assert "--steps" in line and f"limit of {longjobs.MAX_STEPS}" in line and out == ""
-    assert argtypes.step_count(str(longjobs.MAX_STEPS)) == longjobs.MAX_STEPS   # the limit itself is allowed
+        assert "--steps" in line and f"limit of {argtypes.MAX_STEPS}" in line and out == ""
+    assert argtypes.step_count(str(argtypes.MAX_STEPS)) == argtypes.MAX_STEPS   # the limit itself is allowed
 
 
 def test_short_jobs_run_no_probe_and_show_no_bar(capsys, trained, data, monkeypatch):
@@ -451,6 +451,9 @@ def test_export_steps_list_is_parsed_and_bad_lists_are_refused(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(base + ["--steps-list", bad])
         assert "positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):   # the same bound as every other --steps option
+        parser.parse_args(base + ["--steps-list", "4,20000"])
+    assert "limit of 10000" in capsys.readouterr().err
 
 
 def test_export_records_and_verifies_file_checksums(fake_export):
