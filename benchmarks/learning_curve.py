@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import common, quality
+from fastdiss import argtypes
 from fastdiss.evaluate import score
 
 IDENTITY_NOTE = "copying the source unchanged (the identity baseline)"
@@ -119,7 +120,7 @@ def reeval(args) -> dict:
 
 
 def run_one(args) -> dict:
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     kind = "ar" if args.variant == "ar" else "diffusion"
     overrides = quality.parse_overrides(args.set)
@@ -313,6 +314,8 @@ def main(argv=None):
     p.add_argument("--train-tsv", default=None, help="train on these pairs (e.g. distilled) instead of the task's")
     p.add_argument("--set", nargs="*", default=[], help="config overrides SECTION.KEY=VALUE")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", type=argtypes.device, default="cpu",
+                   help="train and evaluate on cpu, cuda[:N] or auto (benchmarks/gpu_learning.sh runs this on a GPU)")
     p.add_argument("--name", default=None)
     p.add_argument("--merge", action="store_true", help="gather finished runs into one results JSON + plot")
     p.add_argument("--reeval", action="store_true",

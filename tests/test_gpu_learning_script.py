@@ -1,0 +1,43 @@
+"""benchmarks/gpu_learning.sh, the one-call GPU learning run, tried here on the CPU (DEVICE=cpu) so
+that a lent GPU's minutes are never spent on a broken script."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_learning.sh"
+
+
+def _run(tmp_path, **env):
+    full = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "DEVICE": "cpu", **env}
+    return subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env={**full, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_missing_distilled_set_is_named_with_the_fix(tmp_path):
+    res = _run(tmp_path, TRAIN_TSV=str(tmp_path / "absent.tsv"))
+    assert res.returncode == 2
+    assert "absent.tsv is missing" in res.stderr and "carry" in res.stderr
+
+
+@pytest.mark.slow
+def test_two_runs_train_score_and_merge(tmp_path):
+    from fastdiss.data.corpus import load_pairs
+    tsv = tmp_path / "distilled.tsv"
+    tsv.write_text("".join(f"{s}\t{t}\n" for s, t in load_pairs("elb2web", "train")[:300]))
+    res = _run(tmp_path, TRAIN_TSV=str(tsv), CHECKPOINTS="2 3", FINAL_STEPS="1", SEEDS="0")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    out = tmp_path / "out"
+    merged = json.loads((out / "learning-curve-gpu-tiny.json").read_text())
+    runs = {r["run"]: r for r in merged["runs"]}
+    assert set(runs) == {"elb2web-default-tiny-s0", "elb2web-ar-tiny-s0"}
+    for r in runs.values():
+        assert [p["train_steps"] for p in r["points"]] == [2, 3]
+        assert r["header"]["machine"]["device"] == "cpu"
+    assert runs["elb2web-default-tiny-s0"]["data"]["train_data"].startswith("distilled")
+    assert [f["steps"] for f in runs["elb2web-default-tiny-s0"]["final"]][:1] == [1]
+    assert (out / "learning-curve-gpu-tiny.png").stat().st_size > 0
