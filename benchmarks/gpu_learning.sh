@@ -11,14 +11,18 @@
 # learning-curve-gpu-<preset>.json and its plot. What comes back under $OUT:
 #   <run>.log, <run>.json   each run's log and result file
 #   learning-curve-gpu-<preset>.json / .png, merge.log, nvidia-smi.txt
+#   pretrained/elb2web-<preset>[-ar]/  seed 0 of both kinds packaged as shipped models (make_shipped_model:
+#                           fp16 safetensors, config, tokenizer, provenance with the whole-valid BLEU)
 #
 # The distilled training set is git-ignored (`fastdiss distill` writes it; its command is in
 # benchmarks/results/learning-curve-commands.md): carry it with the device tool, e.g.
 #   run(command="FASTDISS_GIT_COMMIT=<sha> bash benchmarks/gpu_learning.sh",
 #       carry=["runs/elb2web.distilled.tsv"], timeout_s=560)
 # Knobs (environment): PRESET (tiny), CHECKPOINTS ("1000 2000 4000 8000 16000"), SEEDS ("0 1"),
-#   FINAL_STEPS (the last checkpoint's sweep, "1 2 4 8 16 1000"), TRAIN_TSV (runs/elb2web.distilled.tsv), LEARN_BUDGET_S (500: the runs' limit; merge comes after),
-#   DEVICE (cuda; cpu lets the script itself be tried on a machine without a GPU), PYTHON (python3).
+#   FINAL_STEPS (the last checkpoint's sweep, "1 2 4 8 16 1000"), TRAIN_TSV (runs/elb2web.distilled.tsv),
+#   LEARN_BUDGET_S (450: the runs' limit; merge and packaging come after), SHIP (1; 0 skips the packaging;
+#   a run stopped between checkpoints is not packaged, ship.log says so), DEVICE (cuda; cpu lets the
+#   script itself be tried on a machine without a GPU), PYTHON (python3).
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
@@ -28,8 +32,9 @@ CHECKPOINTS=${CHECKPOINTS:-"1000 2000 4000 8000 16000"}
 SEEDS=${SEEDS:-"0 1"}
 FINAL_STEPS=${FINAL_STEPS:-"1 2 4 8 16 1000"}
 TSV=${TRAIN_TSV:-runs/elb2web.distilled.tsv}
-BUDGET=${LEARN_BUDGET_S:-500}
+BUDGET=${LEARN_BUDGET_S:-450}
 DEVICE=${DEVICE:-cuda}
+SHIP=${SHIP:-1}
 RUN_DIR=runs/gpu_learning
 TAG=gpu-$PRESET
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
@@ -60,3 +65,14 @@ for f in "$RUN_DIR"/*/result.json; do
 done
 $PY -m benchmarks.learning_curve --merge --tag "$TAG" --run-dir "$RUN_DIR" --out-dir "$OUT" > "$OUT/merge.log" 2>&1
 tail -n 40 "$OUT/merge.log"
+
+if [[ $SHIP == 1 ]]; then
+  seed0=${SEEDS%% *}
+  for pair in "default:elb2web-$PRESET" "ar:elb2web-$PRESET-ar"; do
+    run=$RUN_DIR/elb2web-${pair%%:*}-$PRESET-s$seed0
+    [[ -f $run/last.pt ]] || continue
+    $PY -m benchmarks.make_shipped_model --run "$run" --name "${pair#*:}" --out "$OUT/pretrained/${pair#*:}" \
+      --threads 4 --note "trained by benchmarks/gpu_learning.sh on $DEVICE" >> "$OUT/ship.log" 2>&1
+  done
+  tail -n 4 "$OUT/ship.log"
+fi

@@ -39,6 +39,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a learning_curve run folder (last.pt + result.json)")
     p.add_argument("--name", required=True, help="folder name under fastdiss/pretrained/")
+    p.add_argument("--out", default=None, help="write here instead of fastdiss/pretrained/<name> (e.g. on a lent GPU, "
+                                                 "into the folder that comes back)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--note", default=None, help="how the run was made, where its header's command is not the whole "
                                                   "story (e.g. a run continued past its first command)")
@@ -51,6 +53,11 @@ def main(argv=None):
         from fastdiss.config import SampleConfig
         ck.cfg.sample = SampleConfig(**result["final_sample"])
     last = max(result["points"], key=lambda q: q["train_steps"])
+    ck_step = (ck.extra or {}).get("step")
+    if ck_step is not None and int(ck_step) != last["train_steps"]:
+        raise SystemExit(f"{run}/last.pt holds step {ck_step} but the run's last scored point is step "
+                         f"{last['train_steps']} (a run stopped between checkpoints): score it first with "
+                         f"`python -m benchmarks.learning_curve ... --name {run.name} --checkpoints {ck_step}`")
     losses = [h["loss"] for h in (ck.train_state or {}).get("history", []) if "loss" in h]
     head = result["header"]
     provenance = {
@@ -69,7 +76,7 @@ def main(argv=None):
     }
     if args.note:
         provenance["note"] = args.note
-    out = pretrained.save_pretrained(ck, pretrained.shipped_path(args.name), provenance)
+    out = pretrained.save_pretrained(ck, args.out or pretrained.shipped_path(args.name), provenance)
     size = (out / "model.safetensors").stat().st_size
     if size > SIZE_LIMIT:
         raise SystemExit(f"{out}/model.safetensors is {size / 2**20:.1f} MiB, over the 10 MB limit of shipped files")

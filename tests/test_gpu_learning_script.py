@@ -41,3 +41,16 @@ def test_two_runs_train_score_and_merge(tmp_path):
     assert runs["elb2web-default-tiny-s0"]["data"]["train_data"].startswith("distilled")
     assert [f["steps"] for f in runs["elb2web-default-tiny-s0"]["final"]][:1] == [1]
     assert (out / "learning-curve-gpu-tiny.png").stat().st_size > 0
+    for name, kind in (("elb2web-tiny", "diffusion"), ("elb2web-tiny-ar", "ar")):   # seed 0 packaged
+        prov = json.loads((out / "pretrained" / name / "provenance.json").read_text())
+        assert prov["kind"] == kind and prov["train_steps"] == 3 and prov["machine"]["device"] == "cpu"
+        assert (out / "pretrained" / name / "model.safetensors").stat().st_size > 0
+    # weights past the last scored point (a run stopped between checkpoints) are not packaged
+    from benchmarks import make_shipped_model
+    run = tmp_path / "runs" / "gpu_learning" / "elb2web-ar-tiny-s0"
+    result = json.loads((run / "result.json").read_text())
+    result["points"] = result["points"][:1]
+    (run / "result.json").write_text(json.dumps(result))
+    with pytest.raises(SystemExit, match=r"holds step 3 but the run's last scored point is step 2.*--checkpoints 3"):
+        make_shipped_model.main(["--run", str(run), "--name", "x", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
