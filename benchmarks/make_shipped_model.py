@@ -49,6 +49,10 @@ def main(argv=None):
     run = Path(args.run)
     result = json.loads((run / "result.json").read_text())
     ck = checkpoint.load(str(run / "last.pt"))
+    fp16_bytes = 2 * sum(t.numel() for t in ck.model.state_dict().values())
+    if fp16_bytes > SIZE_LIMIT:   # refuse before anything is written
+        raise SystemExit(f"{run}: {fp16_bytes / 2**20:.1f} MiB of fp16 weights, over the 10 MB limit of shipped files "
+                         f"(the tiny preset is 4.9 MiB; the small one 16 MiB)")
     if result.get("final_sample"):   # sampling settings of the run's final sweep (after a --reeval, the new defaults)
         from fastdiss.config import SampleConfig
         ck.cfg.sample = SampleConfig(**result["final_sample"])

@@ -54,3 +54,22 @@ def test_two_runs_train_score_and_merge(tmp_path):
     with pytest.raises(SystemExit, match=r"holds step 3 but the run's last scored point is step 2.*--checkpoints 3"):
         make_shipped_model.main(["--run", str(run), "--name", "x", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_oversized_weights_are_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """The small preset (16 MiB in fp16) must not leave a half-shipped folder behind."""
+    from benchmarks import make_shipped_model
+    from fastdiss import checkpoint
+    from fastdiss.config import preset
+    from fastdiss.data.corpus import load_tokenizer
+    from fastdiss.train import build_model
+    cfg = preset("tiny")
+    tok = load_tokenizer("elb2web")
+    run = tmp_path / "run"
+    run.mkdir()
+    checkpoint.save(str(run / "last.pt"), build_model(cfg, tok), cfg, tok, extra={"step": 1})
+    (run / "result.json").write_text(json.dumps({"points": [{"train_steps": 1}]}))
+    monkeypatch.setattr(make_shipped_model, "SIZE_LIMIT", 1024 * 1024)   # 1 MiB: tiny's 4.9 MiB is over it
+    with pytest.raises(SystemExit, match=r"4\.9 MiB of fp16 weights, over the 10 MB limit"):
+        make_shipped_model.main(["--run", str(run), "--name", "x", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
