@@ -4,37 +4,29 @@ Train: z0 = embeddings of the target stretched uniformly over the latent positio
 loss = CTC(log_softmax(x0_hat @ norm(E)^T), target, blank = pad id) (+ optional MSE to the stretched z0).
 Sample: x = noise, K denoise steps (network time 1, as time_shift=1), argmax, collapse repeats, drop blanks.
 """
-import argparse, json, sys, time
+import json
+import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, ".")
-from benchmarks import quality, learning_curve  # noqa: E402
+from benchmarks.probes.common import config_and_data, parse_args  # noqa: E402
 from fastdiss import functional  # noqa: E402
 from fastdiss.diffusion import DiffusionObjective  # noqa: E402
-from fastdiss.train import Trainer, build_model  # noqa: E402
 from fastdiss.evaluate import score  # noqa: E402
+from fastdiss.train import Trainer, build_model  # noqa: E402
 
-p = argparse.ArgumentParser()
-p.add_argument("--steps", type=int, default=1000)
-p.add_argument("--checkpoints", type=int, nargs="*", default=[])
-p.add_argument("--ratio", type=float, default=2.0)
-p.add_argument("--mse", type=float, default=0.0)
-p.add_argument("--seed", type=int, default=0)
-p.add_argument("--name", default="ctc")
-p.add_argument("--task", default="elb2web")
-p.add_argument("--train-tsv", default="runs/elb2web.distilled.tsv")
-p.add_argument("--set", nargs="*", default=[])
-args = p.parse_args()
-torch.set_num_threads(1)
 
-overrides = quality.parse_overrides(args.set)
-cfg = quality.make_config("tiny", overrides, None, args.seed, args.steps, None, None)
-data = quality.load_task(args.task, cfg.model.max_len, 96, 0, Path("runs/learning_curve"), False)
-if args.train_tsv:
-    data.train = learning_curve.load_distilled(args.train_tsv, data.tokenizer, cfg.model.max_len)
+def own_args(p):
+    p.add_argument("--ratio", type=float, default=2.0)
+    p.add_argument("--mse", type=float, default=0.0)
+
+
+args = parse_args("ctc", own_args)
+cfg, data = config_and_data(args)
 mcfg = cfg.replace(model=type(cfg.model)(**{**cfg.model.__dict__, "max_len": int(cfg.model.max_len * args.ratio) + 2}))
 torch.manual_seed(args.seed)
 model = build_model(mcfg, data.tokenizer)

@@ -4,37 +4,26 @@ Training: per sequence n ~ U{1..T} target positions are 'masked' (t_i = 1, pure 
 (t_i = t_rev, nearly clean z0); self-conditioning as usual; loss MSE + CE on masked positions, + length CE.
 With --mix p, a fraction p of the batches use the ordinary per-sequence t ~ U(0,1) instead.
 """
-import argparse, json, subprocess, sys, time
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, ".")
-from benchmarks import quality, learning_curve  # noqa: E402
-from fastdiss import functional  # noqa: E402
-from fastdiss.diffusion import DiffusionObjective, rounding_loss, IGNORE  # noqa: E402
+from benchmarks.probes.common import config_and_data, parse_args  # noqa: E402
+from fastdiss.diffusion import IGNORE, DiffusionObjective, rounding_loss  # noqa: E402
 from fastdiss.train import Trainer, build_model  # noqa: E402
 
-p = argparse.ArgumentParser()
-p.add_argument("--steps", type=int, default=1000)
-p.add_argument("--checkpoints", type=int, nargs="*", default=[])
-p.add_argument("--mix", type=float, default=0.0)
-p.add_argument("--t-rev", type=float, default=0.0)
-p.add_argument("--seed", type=int, default=0)
-p.add_argument("--name", default="cmlm")
-p.add_argument("--task", default="elb2web")
-p.add_argument("--train-tsv", default="runs/elb2web.distilled.tsv")
-p.add_argument("--set", nargs="*", default=[])
-args = p.parse_args()
-torch.set_num_threads(1)
 
-overrides = quality.parse_overrides(args.set)
-cfg = quality.make_config("tiny", overrides, None, args.seed, args.steps, None, None)
-cfg = cfg.replace(diffusion=type(cfg.diffusion)(**{**cfg.diffusion.__dict__, "scp": False, "mans": False}))
-data = quality.load_task(args.task, cfg.model.max_len, 96, 0, Path("runs/learning_curve"), False)
-if args.train_tsv:
-    data.train = learning_curve.load_distilled(args.train_tsv, data.tokenizer, cfg.model.max_len)
+def own_args(p):
+    p.add_argument("--mix", type=float, default=0.0)
+    p.add_argument("--t-rev", type=float, default=0.0)
+
+
+args = parse_args("cmlm", own_args)
+cfg, data = config_and_data(args, diffusion={"scp": False, "mans": False})
 torch.manual_seed(args.seed)
 model = build_model(cfg, data.tokenizer)
 
