@@ -167,7 +167,7 @@ class Encoder(nn.Module):
         if L > self.max_len:
             raise ValueError(f"source length {L} exceeds the model's max_len {self.max_len}")
         tok = self.embed(src) * self.embed_scale if shared_table is None else self.embed_up(F.embedding(src, shared_table))
-        x, residual = self.dropout(tok + self.pos[:L]), None
+        x, residual = self.dropout(tok + self.pos[:L].to(tok.dtype)), None
         for layer in self.layers:
             x, residual = layer(x, residual, src_mask)
         return add_and_norm(self.norm, x, residual)[0]
@@ -350,7 +350,7 @@ class Denoiser(nn.Module):
 
     def time_embedding(self, t):
         """Per-token time embedding: (B, Lt) -> (B, Lt, d)."""
-        return self.time_mlp(sinusoidal_embedding(t, self.cfg.d_model))
+        return self.time_mlp(sinusoidal_embedding(t, self.cfg.d_model).to(self.time_mlp[0].weight.dtype))
 
     def forward(self, x_t, sc, t, enc: EncoderState, tgt_mask=None):
         """Predict x0 from x_t (B, Lt, d_e), self-conditioning sc (same shape, or None for zeros),
@@ -371,7 +371,7 @@ class Denoiser(nn.Module):
             sc = torch.zeros_like(x_t)
         if self.cfg.balanced_input:
             x_t = x_t * torch.rsqrt(x_t.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x_t.dtype)
-        add = self.time_embedding(t) + self.tgt_pos[:L]
+        add = self.time_embedding(t) + self.tgt_pos[:L].to(x_t.dtype)
         if self.cfg.src_copy != "none":
             add = add + self.source_copy(enc, tgt_mask, B, L)
         if self.cfg.use_kernels:

@@ -39,7 +39,7 @@ def denoise_step(model, x_t, sc, t_now, t_next, enc, tgt_mask=None, *, schedule=
         x0_hat = clamp_to_embeddings(model, x0_hat)
     a_t, s_t = alpha_sigma(t_now, schedule)
     a_s, s_s = alpha_sigma(t_next, schedule)
-    per_token = [v.expand(B, L).contiguous().to(x_t.dtype) for v in (a_t, s_t, a_s, s_s)]
+    per_token = [v.expand(B, L).contiguous().float() for v in (a_t, s_t, a_s, s_s)]   # the op wants fp32 schedules
     return functional.ddim_step(x0_hat, x_t, *per_token), x0_hat
 
 

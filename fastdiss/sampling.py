@@ -124,8 +124,9 @@ class Sampler:
 
         # the noise of the whole batch in one draw, so that a split batch sees the same noise
         gen = torch.Generator(device=device).manual_seed(int(seed))
-        x_all = self.dcfg.noise_factor * torch.randn(B * C, L, model.cfg.d_latent, device=device, generator=gen,
-                                                     dtype=model.tgt_embed.dtype)   # latents in the weights' dtype
+        # drawn in fp32, then held in the weights' dtype: a seed gives the same noise for an fp32 and a bf16 model
+        x_all = (self.dcfg.noise_factor * torch.randn(B * C, L, model.cfg.d_latent, device=device, generator=gen)
+                 ).to(model.tgt_embed.dtype)
         grid = time_grid(steps, spacing, device=device)
 
         # 2. K denoising steps and rounding, per chunk of sentences
