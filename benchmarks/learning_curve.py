@@ -215,8 +215,12 @@ def merge(tag: str, run_dir: Path, out_dir: Path) -> dict:
                 row[key] = {m: _mean_sd([p["scores"][i][m] for p in pts]) for m in ("bleu", "chrf")}
             entry["curve"].append(row)
         if all(r["final"] for r in rs):
-            for i, f in enumerate(rs[0]["final"]):
-                vals = [r["final"][i] for r in rs]
+            # seeds may have swept different step counts (e.g. K = 1000 on seed 0 only): each row averages the
+            # seeds that have it, and its n says how many
+            def key(f):
+                return f["steps"], f.get("time_shift")
+            for f in rs[0]["final"]:
+                vals = [g for r in rs for g in r["final"] if key(g) == key(f)]
                 entry["final"].append({"steps": f["steps"], "time_shift": f.get("time_shift"),
                                        "spacing": f.get("spacing", r0_spacing(rs[0])),
                                        "bleu": _mean_sd([v["bleu"] for v in vals]),

@@ -149,3 +149,30 @@ def test_learning_curve_rows_keep_screens_long_runs_and_reruns_apart():
     assert run_label(run("elb2web-ar-rerun-s0", "ar")) == "ar rerun"
     assert run_label(run("x", sets=["model.share_embeddings=true"], distilled=True)) == \
         "default+distilled [share_embeddings=true]"
+
+
+def test_learning_curve_merge_averages_final_rows_by_step_count(tmp_path):
+    """Seeds that swept different step counts (K = 1000 on seed 0 only) merge row by row: each final row
+    averages the seeds that have it, and its n says how many."""
+    from benchmarks.learning_curve import merge
+
+    def run(seed, finals):
+        return {"task": "elb2web", "variant": "default", "seed": seed, "identity": {"bleu": 0.2},
+                "config": {"sample": {"spacing": "quadratic"}},
+                "header": {"config": {"args": {"set": []}}}, "data": {"train_data": "embedded"},
+                "points": [{"train_steps": 10, "train_cpu_seconds": 1.0,
+                            "scores": [{"steps": 4, "bleu": 1.0 + seed, "chrf": 10.0}]}],
+                "final": [{"steps": k, "time_shift": ts, "bleu": b, "chrf": 2 * b, "ms_per_sentence": 1.0}
+                          for k, ts, b in finals]}
+    for seed, finals in ((0, [(1, 1.0, 1.0), (4, 1.0, 2.0), (1000, 1.0, 3.0), (4, 0.0, 0.5)]),
+                         (1, [(1, 1.0, 2.0), (4, 1.0, 4.0), (4, 0.0, 1.5)])):
+        d = tmp_path / "runs" / f"elb2web-default-s{seed}"
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps(run(seed, finals)))
+    out = merge("t", tmp_path / "runs", tmp_path)
+    (entry,) = out["summary"]
+    rows = {(f["steps"], f["time_shift"]): f["bleu"] for f in entry["final"]}
+    assert rows[(1, 1.0)]["mean"] == 1.5 and rows[(1, 1.0)]["n"] == 2
+    assert rows[(4, 1.0)]["mean"] == 3.0 and rows[(4, 0.0)]["mean"] == 1.0
+    assert rows[(1000, 1.0)]["mean"] == 3.0 and rows[(1000, 1.0)]["n"] == 1
+    assert entry["curve"][0]["K4"]["bleu"]["mean"] == 1.5
