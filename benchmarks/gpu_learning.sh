@@ -9,7 +9,7 @@
 # at every checkpoint (benchmarks/learning_curve.py, which writes its run file after every point, so
 # a run cut short by the time limit keeps the points it reached). Then --merge gathers them into
 # learning-curve-gpu-<preset>.json and its plot. What comes back under $OUT:
-#   <run>.log, <run>.json   each run's log and result file
+#   <run>.log, <run>.json   each run's log and result file; preflight.log (a 3-step run with the kernels first)
 #   learning-curve-gpu-<preset>.json / .png, merge.log, nvidia-smi.txt
 #   pretrained/elb2web-<preset>[-ar]/  seed 0 of both kinds packaged as shipped models (make_shipped_model:
 #                           fp16 safetensors, config, tokenizer, provenance with the whole-valid BLEU)
@@ -44,6 +44,19 @@ if [[ ! -f $TSV ]]; then
   exit 2
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+
+# Preflight: the Triton kernels have not all run on a GPU yet (rounding cross-entropy, bf16 training). A 3-step
+# run with them; if it fails, the real runs use the PyTorch reference ops (FASTDISS_BACKEND=torch, recorded in
+# every run header as fastdiss_backend) instead of losing the GPU call.
+START=$SECONDS
+rm -rf "$RUN_DIR-preflight"   # a leftover run would resume instead of exercising the kernels
+if ! timeout -s INT -k 10 240 $PY -m benchmarks.learning_curve --task elb2web --variant default --seed 0 \
+     --preset "$PRESET" --checkpoints 3 --final-steps --device "$DEVICE" --threads 1 --run-dir "$RUN_DIR-preflight" \
+     --name preflight --train-tsv "$TSV" > "$OUT/preflight.log" 2>&1; then
+  echo "gpu_learning: the 3-step preflight failed (preflight.log); training with FASTDISS_BACKEND=torch" | tee -a "$OUT/preflight.log"
+  export FASTDISS_BACKEND=torch
+fi
+BUDGET=$(( BUDGET - (SECONDS - START) ))
 
 pids=()
 for seed in $SEEDS; do

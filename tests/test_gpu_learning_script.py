@@ -73,3 +73,21 @@ def test_oversized_weights_are_refused_before_anything_is_written(tmp_path, monk
     with pytest.raises(SystemExit, match=r"4\.9 MiB of fp16 weights, over the 10 MB limit"):
         make_shipped_model.main(["--run", str(run), "--name", "x", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_kernels_failing_the_preflight_fall_back_to_the_torch_ops(tmp_path):
+    """Kernels that fail the 3-step preflight (here: the Triton backend forced on a CPU without the interpreter)
+    must not cost the GPU call: the runs train with FASTDISS_BACKEND=torch, and their headers say so."""
+    from fastdiss.data.corpus import load_pairs
+    tsv = tmp_path / "distilled.tsv"
+    tsv.write_text("".join(f"{s}\t{t}\n" for s, t in load_pairs("elb2web", "train")[:200]))
+    res = _run(tmp_path, TRAIN_TSV=str(tsv), CHECKPOINTS="2", FINAL_STEPS="1", SEEDS="0", SHIP="0",
+               FASTDISS_BACKEND="triton", TRITON_INTERPRET="")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    out = tmp_path / "out"
+    assert "training with FASTDISS_BACKEND=torch" in (out / "preflight.log").read_text()
+    for name in ("elb2web-default-tiny-s0", "elb2web-ar-tiny-s0"):
+        run = json.loads((out / f"{name}.json").read_text())
+        assert run["header"]["machine"]["fastdiss_backend"] == "torch"
+        assert [p["train_steps"] for p in run["points"]] == [2]
