@@ -49,7 +49,8 @@ def main(argv=None):
     run = Path(args.run)
     result = json.loads((run / "result.json").read_text())
     ck = checkpoint.load(str(run / "last.pt"))
-    fp16_bytes = 2 * sum(t.numel() for t in ck.model.state_dict().values())
+    params = sum(t.numel() for t in ck.model.state_dict().values())
+    fp16_bytes = 2 * params
     if fp16_bytes > SIZE_LIMIT:   # refuse before anything is written
         raise SystemExit(f"{run}: {fp16_bytes / 2**20:.1f} MiB of fp16 weights, over the 10 MB limit of shipped files "
                          f"(the tiny preset is 4.9 MiB; the small one 16 MiB)")
@@ -70,7 +71,7 @@ def main(argv=None):
         "train_steps": last["train_steps"], "train_hours": last["train_seconds"] / 3600,
         "seconds_per_step": last["train_seconds"] / max(1, last["train_steps"]),
         "train_data": result["data"].get("train_data", "references of the embedded corpus"),
-        "params": sum(t.numel() for t in ck.model.state_dict().values()),
+        "params": params,
         "valid_bleu": valid_bleu(ck, result["task"]),
         "valid_bleu_setting": "whole valid split, K = 4, one candidate" if ck.kind == "diffusion" else "greedy",
         "test_subset_scores": last["scores"],
